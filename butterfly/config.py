@@ -1,0 +1,205 @@
+"""Configuration: one frozen attrs class per component, loaded from TOML with cattrs.
+
+Every field has a documented default, so an empty file is a valid configuration::
+
+    [network]
+    max_message_size = 67108864      # bytes; the largest activation frame accepted
+
+    [api]
+    request_timeout = 30.0
+
+Unknown keys and values of the wrong type raise :class:`~butterfly.errors.ConfigError`
+naming the key, e.g. ``network.max_message_size: expected int, got 'x'``.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import cattrs
+from attrs import validators as v
+
+from .errors import ConfigError
+
+__all__ = [
+    "ApiConfig",
+    "ButterflyConfig",
+    "CoordinationConfig",
+    "MetricsConfig",
+    "NetworkConfig",
+    "PartitionConfig",
+    "SchedulingConfig",
+    "load_config",
+]
+
+_MiB = 1 << 20
+_positive = v.gt(0)
+_non_negative = v.ge(0)
+
+
+@attrs.frozen
+class ApiConfig:
+    """The facade's behaviour towards the caller."""
+
+    #: Seconds a single ``infer`` may take before it fails with ``RequestTimeout``.
+    request_timeout: float = attrs.field(default=60.0, validator=_positive)
+    #: Seconds ``connect`` may take to discover the cluster and assign stages.
+    connect_timeout: float = attrs.field(default=60.0, validator=_positive)
+    #: Seconds ``close`` waits for in-flight requests before cancelling them.
+    drain_timeout: float = attrs.field(default=10.0, validator=_non_negative)
+
+
+@attrs.frozen
+class SchedulingConfig:
+    """How requests are queued and dispatched."""
+
+    #: ``fifo`` is the only policy of the walking skeleton.
+    scheduler_type: str = attrs.field(default="fifo", validator=v.in_(["fifo"]))
+    #: Requests waiting or running at once; ``infer`` beyond it raises ``SchedulingError``.
+    max_queue_size: int = attrs.field(default=1024, validator=_positive)
+    #: Requests travelling through the pipeline at once (keeps every stage busy).
+    max_in_flight: int = attrs.field(default=8, validator=_positive)
+
+
+@attrs.frozen
+class PartitionConfig:
+    """How layers are split into stages."""
+
+    #: ``uniform``: contiguous, equal layer counts, one stage per worker.
+    default_strategy: str = attrs.field(default="uniform", validator=v.in_(["uniform"]))
+
+
+@attrs.frozen
+class CoordinationConfig:
+    """Liveness of the links between the coordinator and its workers."""
+
+    #: Seconds between heartbeats on every coordinator→worker link.
+    heartbeat_interval: float = attrs.field(default=1.0, validator=_positive)
+    #: Seconds of silence after which a worker is declared failed and its requests fail.
+    failure_timeout: float = attrs.field(default=10.0, validator=_positive)
+
+
+@attrs.frozen
+class NetworkConfig:
+    """Websocket links. The trio-websocket defaults (1 MiB, 4 KiB) are too small for tensors."""
+
+    #: Largest frame accepted, in bytes; size it for the largest activation you send.
+    max_message_size: int = attrs.field(default=256 * _MiB, validator=_positive)
+    #: Bytes read from the socket per call.
+    receive_buffer_size: int = attrs.field(default=1 * _MiB, validator=_positive)
+    #: Messages queued per peer before senders wait (backpressure, bounded memory).
+    send_queue_size: int = attrs.field(default=16, validator=_positive)
+    #: Seconds to open one connection (TCP + websocket handshake + Hello).
+    connect_timeout: float = attrs.field(default=10.0, validator=_positive)
+    #: Attempts to reach a peer before giving up, with exponential backoff between them.
+    reconnect_attempts: int = attrs.field(default=5, validator=_positive)
+    #: First backoff delay in seconds; doubled after each failed attempt.
+    reconnect_initial_delay: float = attrs.field(default=0.1, validator=_positive)
+    #: Largest backoff delay in seconds.
+    reconnect_max_delay: float = attrs.field(default=5.0, validator=_positive)
+
+
+@attrs.frozen
+class MetricsConfig:
+    """The in-process metrics collector."""
+
+    #: Events buffered between components and the collector; excess events are counted, not queued.
+    event_queue_size: int = attrs.field(default=10_000, validator=_positive)
+    #: Latencies kept for percentiles.
+    latency_window: int = attrs.field(default=4096, validator=_positive)
+
+
+@attrs.frozen
+class ButterflyConfig:
+    """The whole configuration; each section is optional in TOML."""
+
+    api: ApiConfig = attrs.field(factory=ApiConfig)
+    scheduling: SchedulingConfig = attrs.field(factory=SchedulingConfig)
+    partition: PartitionConfig = attrs.field(factory=PartitionConfig)
+    coordination: CoordinationConfig = attrs.field(factory=CoordinationConfig)
+    network: NetworkConfig = attrs.field(factory=NetworkConfig)
+    metrics: MetricsConfig = attrs.field(factory=MetricsConfig)
+
+
+_T = TypeVar("_T")
+
+
+def _strict(typ: type[_T], accept: tuple[type, ...]) -> Callable[[Any, type], _T]:
+    # cattrs would happily turn "5" into 5; a config file with a quoted number is a mistake.
+    def hook(value: Any, _: type) -> _T:
+        if isinstance(value, bool) and typ is not bool:
+            raise TypeError(f"expected {typ.__name__}, got {value!r}")
+        if not isinstance(value, accept):
+            raise TypeError(f"expected {typ.__name__}, got {value!r}")
+        return typ(value)  # type: ignore[call-arg]
+
+    return hook
+
+
+_converter = cattrs.Converter(forbid_extra_keys=True)
+_converter.register_structure_hook(int, _strict(int, (int,)))
+_converter.register_structure_hook(float, _strict(float, (int, float)))
+_converter.register_structure_hook(str, _strict(str, (str,)))
+_converter.register_structure_hook(bool, _strict(bool, (bool,)))
+
+
+def _describe(exc: BaseException, path: str) -> list[str]:
+    """Flatten cattrs' validation tree into ``key.path: reason`` lines."""
+    if isinstance(exc, cattrs.ClassValidationError):
+        lines: list[str] = []
+        for sub in exc.exceptions:
+            note = next(
+                (n for n in getattr(sub, "__notes__", []) if isinstance(n, cattrs.AttributeValidationNote)),
+                None,
+            )
+            key = f"{path}.{note.name}" if note is not None else path
+            lines.extend(_describe(sub, key.lstrip(".")))
+        return lines
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        keys = ", ".join(sorted(f"{path}.{k}".lstrip(".") for k in exc.extra_fields))
+        return [f"{keys}: unknown key"]
+    # attrs validators say "'name' must be ...": lift the name into the key path.
+    match = re.match(r"'(\w+)' (must be .*)", str(exc.args[0]) if exc.args else "")
+    if match:
+        return [f"{path}.{match[1]}".lstrip(".") + f": {match[2]}"]
+    return [f"{path or '<root>'}: {exc}"]
+
+
+def config_from_mapping(data: Mapping[str, Any]) -> ButterflyConfig:
+    """Build a config from a mapping shaped like the TOML file; raises ``ConfigError``."""
+    try:
+        return _converter.structure(dict(data), ButterflyConfig)
+    except Exception as exc:
+        raise ConfigError("invalid configuration: " + "; ".join(_describe(exc, ""))) from exc
+
+
+def load_config(source: ButterflyConfig | str | Path | Mapping[str, Any] | None) -> ButterflyConfig:
+    """Return a :class:`ButterflyConfig` from a config, a TOML file path, a mapping or ``None``."""
+    if source is None:
+        return ButterflyConfig()
+    if isinstance(source, ButterflyConfig):
+        return source
+    if isinstance(source, Mapping):
+        return config_from_mapping(source)
+    if isinstance(source, str | Path):
+        path = Path(source)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from exc
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
+        try:
+            return config_from_mapping(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc.__cause__
+    raise ConfigError(
+        f"config: expected a ButterflyConfig, a TOML file path or a mapping, got {type(source).__name__}"
+    )

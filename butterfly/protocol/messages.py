@@ -1,0 +1,151 @@
+"""The wire messages: one tagged union of frozen msgspec Structs.
+
+Schema evolution rule: fields are only ever *appended*, with defaults, so an older
+peer decodes a newer message (``array_like`` encodes fields by position).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Ack",
+    "Activation",
+    "Assign",
+    "Assigned",
+    "Cancel",
+    "Error",
+    "Heartbeat",
+    "Hello",
+    "InputSpec",
+    "Message",
+    "Result",
+    "StageSpec",
+    "WireTensor",
+]
+
+#: Bumped on any change that an older peer cannot decode.
+PROTOCOL_VERSION = 1
+
+
+class _Struct(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=False):
+    pass
+
+
+class WireTensor(_Struct):
+    """A dense, C-contiguous tensor: ``dtype`` name, ``shape`` and the raw bytes.
+
+    ``data`` decodes as a ``memoryview`` into the received frame (zero-copy).
+    """
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: memoryview
+
+
+class InputSpec(_Struct):
+    """What the first stage accepts: used to reject bad input before it is sent.
+
+    ``trailing`` lists the required sizes of the last dimensions; ``dtype`` is ``""``
+    when any dtype is accepted; ``max_ndim`` is 0 when unbounded.
+    """
+
+    dtype: str = ""
+    min_ndim: int = 1
+    max_ndim: int = 0
+    trailing: tuple[int, ...] = ()
+
+
+class StageSpec(_Struct):
+    """One stage of a placement: layers ``[start, stop)`` on worker ``node_id``."""
+
+    index: int
+    start: int
+    stop: int
+    node_id: str
+    address: str
+
+
+class Hello(_Struct, tag="hello"):
+    """First message on every connection, in both directions.
+
+    ``role`` is ``"coordinator"`` (control, inputs and results), ``"link"`` (a worker
+    pulling the activations it will compute from its upstream worker) or ``"worker"``
+    (a worker answering). Nothing else is decoded from a connection before the
+    Hello exchange succeeded, which leaves room for an authentication step here.
+    """
+
+    version: int
+    node_id: str
+    role: str
+    model_name: str = ""
+    fingerprint: str = ""
+    address: str = ""
+    num_layers: int = 0
+    peers: tuple[str, ...] = ()
+    input_spec: InputSpec | None = None
+
+
+class Heartbeat(_Struct, tag="heartbeat"):
+    seq: int
+
+
+class Ack(_Struct, tag="ack"):
+    """Answers a Heartbeat with the same ``seq``."""
+
+    seq: int
+
+
+class Assign(_Struct, tag="assign"):
+    """The coordinator's placement for ``epoch``: every stage, so each worker knows its neighbours."""
+
+    epoch: int
+    stages: tuple[StageSpec, ...]
+
+
+class Assigned(_Struct, tag="assigned"):
+    """A worker has loaded its layers and linked to its upstream worker for ``epoch``."""
+
+    epoch: int
+    node_id: str
+
+
+class Activation(_Struct, tag="activation"):
+    """Input of ``stage`` for request ``request_id``; the last stage answers ``origin``."""
+
+    request_id: int
+    epoch: int
+    stage: int
+    origin: str
+    tensor: WireTensor
+
+
+class Result(_Struct, tag="result"):
+    """Output of the last stage for ``request_id``."""
+
+    request_id: int
+    epoch: int
+    tensor: WireTensor
+
+
+class Error(_Struct, tag="error"):
+    """A failure; ``request_id`` is -1 when it concerns the connection, not a request.
+
+    ``kind`` is one of the names in :data:`butterfly.errors.ERROR_KINDS`.
+    """
+
+    kind: str
+    message: str
+    request_id: int = -1
+    origin: str = ""
+
+
+class Cancel(_Struct, tag="cancel"):
+    """Drop any remaining work of ``request_id`` issued by coordinator ``origin``."""
+
+    request_id: int
+    origin: str = ""
+
+
+Message = Hello | Heartbeat | Ack | Assign | Assigned | Activation | Result | Error | Cancel
