@@ -1,0 +1,147 @@
+"""Loading a model from an import path (and optional safetensors weights), and slicing stages out of it.
+
+A model is named by ``package.module:callable``; the callable takes no arguments and
+returns a :class:`torch.nn.Sequential`. Without ``weights`` the callable must be
+deterministic (seed its RNG): every worker builds its own copy, and the fingerprints
+computed at start-up prove that they are the same.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+
+import attrs
+import torch
+from torch import nn
+
+from ..errors import ModelError
+from ..protocol import InputSpec
+from .fingerprint import layer_digest, model_fingerprint
+from .input_spec import infer_input_spec
+
+__all__ = ["ModelInfo", "ModelSource", "import_factory"]
+
+
+def import_factory(path: str) -> Callable[[], nn.Module]:
+    """Resolve ``package.module:callable``; raises ``ModelError`` with the reason."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ModelError(f"model {path!r} is not an import path; expected 'package.module:callable'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ModelError(f"cannot import module {module_name!r} of model {path!r}: {exc}") from exc
+    target: object = module
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ModelError(f"module {module_name!r} has no attribute {attr!r} (model {path!r})") from None
+    if not callable(target):
+        raise ModelError(f"model {path!r} names a {type(target).__name__}, not a callable")
+    return target  # type: ignore[return-value]
+
+
+@attrs.frozen
+class ModelInfo:
+    """What a worker tells the cluster about the model it serves."""
+
+    name: str
+    num_layers: int
+    fingerprint: str
+    layer_digests: tuple[str, ...]
+    input_spec: InputSpec
+
+
+@attrs.define
+class ModelSource:
+    """Builds the model, fingerprints it, and materialises contiguous ranges of its layers."""
+
+    name: str
+    weights: Path | None = None
+    device: torch.device = attrs.field(factory=lambda: torch.device("cpu"))
+    _factory: Callable[[], nn.Module] | None = None
+    _info: ModelInfo | None = None
+
+    def _build_full(self) -> nn.Sequential:
+        if self._factory is None:
+            self._factory = import_factory(self.name)
+        try:
+            model = self._factory()
+        except Exception as exc:
+            raise ModelError(f"model factory {self.name!r} raised {type(exc).__name__}: {exc}") from exc
+        if not isinstance(model, nn.Sequential):
+            raise ModelError(
+                f"model factory {self.name!r} returned a {type(model).__name__}; "
+                "expected a torch.nn.Sequential whose children are the layers"
+            )
+        if len(model) == 0:
+            raise ModelError(f"model {self.name!r} has no layers")
+        return model
+
+    def _load_weights(self, model: nn.Sequential, layer_ids: range) -> None:
+        """Copy the tensors of ``layer_ids`` from the safetensors file into ``model``."""
+        assert self.weights is not None
+        from safetensors import safe_open
+
+        try:
+            handle = safe_open(str(self.weights), framework="pt", device="cpu")
+        except Exception as exc:
+            raise ModelError(f"cannot open weights file {str(self.weights)!r}: {exc}") from exc
+        with handle as f:
+            by_layer: dict[int, dict[str, torch.Tensor]] = {}
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                head, _, rest = key.partition(".")
+                if not head.isdigit() or int(head) >= len(model):
+                    raise ModelError(
+                        f"weights file {str(self.weights)!r} has tensor {key!r}, which belongs to no "
+                        f"layer of {self.name!r} ({len(model)} layers, keys like '0.weight')"
+                    )
+                if int(head) in layer_ids:
+                    by_layer.setdefault(int(head), {})[rest] = f.get_tensor(key)
+        for i in layer_ids:
+            try:
+                model[i].load_state_dict(by_layer.get(i, {}), strict=True)
+            except RuntimeError as exc:
+                raise ModelError(
+                    f"weights file {str(self.weights)!r} does not fit layer {i} of {self.name!r}: {exc}"
+                ) from exc
+
+    def describe(self) -> ModelInfo:
+        """Build the whole model once: layer count, per-layer digests, input spec."""
+        if self._info is None:
+            model = self._build_full()
+            if self.weights is not None:
+                self._load_weights(model, range(len(model)))
+            digests = tuple(layer_digest(layer.state_dict().items()) for layer in model)
+            self._info = ModelInfo(
+                name=self.name,
+                num_layers=len(model),
+                fingerprint=model_fingerprint(digests),
+                layer_digests=digests,
+                input_spec=infer_input_spec(model),
+            )
+        return self._info
+
+    def build_layers(self, start: int, stop: int) -> nn.Sequential:
+        """Materialise layers ``[start, stop)`` on the device, in eval mode, and check their digests."""
+        info = self.describe()
+        if not 0 <= start < stop <= info.num_layers:
+            raise ModelError(
+                f"layer range [{start}, {stop}) is outside model {self.name!r} ({info.num_layers} layers)"
+            )
+        model = self._build_full()
+        if self.weights is not None:
+            self._load_weights(model, range(start, stop))
+        layers = nn.Sequential(*(model[i] for i in range(start, stop)))
+        del model
+        for offset, layer in enumerate(layers):
+            i = start + offset
+            if layer_digest(layer.state_dict().items()) != info.layer_digests[i]:
+                raise ModelError(
+                    f"model factory {self.name!r} is not deterministic: layer {i} differs from the "
+                    "one fingerprinted at start-up. Seed its random generator, or pass --weights."
+                )
+        return layers.to(self.device).eval()

@@ -1,0 +1,49 @@
+"""The stage runtime: one contiguous run of layers, computed off the event loop."""
+
+from __future__ import annotations
+
+import torch
+import trio
+from torch import nn
+
+from ..protocol import WireTensor
+from .tensors import torch_from_wire, torch_to_wire
+
+__all__ = ["StageRuntime"]
+
+
+class StageRuntime:
+    """Runs layers ``[start, stop)`` in a worker thread under ``torch.inference_mode()``.
+
+    ``limiter`` is shared by every stage on the same device, so stages of one worker
+    take turns on it instead of oversubscribing its cores.
+    """
+
+    def __init__(
+        self,
+        layers: nn.Sequential,
+        *,
+        start: int,
+        stop: int,
+        device: torch.device,
+        limiter: trio.CapacityLimiter,
+        max_bytes: int,
+    ) -> None:
+        self.layers = layers
+        self.start = start
+        self.stop = stop
+        self.device = device
+        self.limiter = limiter
+        self.max_bytes = max_bytes
+
+    async def forward(self, tensor: WireTensor) -> WireTensor:
+        """Decode, compute and encode one activation; all of it in the worker thread."""
+        return await trio.to_thread.run_sync(self._compute, tensor, limiter=self.limiter)
+
+    def _compute(self, tensor: WireTensor) -> WireTensor:
+        with torch.inference_mode():
+            x = torch_from_wire(tensor, device=self.device, max_bytes=self.max_bytes)
+            y = self.layers(x)
+            if not isinstance(y, torch.Tensor):
+                raise TypeError(f"layers {self.start}..{self.stop - 1} returned {type(y).__name__}, not a tensor")
+            return torch_to_wire(y)

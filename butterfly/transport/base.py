@@ -1,0 +1,58 @@
+"""The transport interface: byte frames over a connection, nothing more.
+
+Two adapters implement it: :mod:`.memory` (one process, for protocol tests) and
+:mod:`.websocket` (real sockets). The layers above never know which one they use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
+
+import trio
+
+__all__ = ["Connection", "ConnectionHandler", "Transport"]
+
+
+class Connection(Protocol):
+    """One bidirectional, message-framed connection.
+
+    ``send`` and ``receive`` raise :class:`~butterfly.errors.NetworkError` once the
+    connection is closed or broken, and ``ProtocolError`` for a frame that is not binary.
+    """
+
+    @property
+    def remote(self) -> str:
+        """A human-readable description of the other end, for error messages."""
+        ...
+
+    async def send(self, frame: bytes) -> None: ...
+
+    async def receive(self) -> bytes: ...
+
+    async def aclose(self) -> None: ...
+
+
+ConnectionHandler = Callable[[Connection], Awaitable[None]]
+
+
+class Transport(Protocol):
+    """Opens connections to addresses and serves incoming ones."""
+
+    def connect(self, address: str) -> AbstractAsyncContextManager[Connection]:
+        """Open a connection for the duration of the ``async with`` block."""
+        ...
+
+    async def serve(
+        self,
+        address: str,
+        handler: ConnectionHandler,
+        *,
+        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept connections on ``address`` and run ``handler`` for each, until cancelled.
+
+        Reports the bound address (with the real port when 0 was asked) through ``task_status``.
+        """
+        ...

@@ -1,0 +1,123 @@
+"""In-memory transport: connections are pairs of bounded trio memory channels.
+
+For protocol and service tests in one process (and with ``MockClock``). It enforces
+the same ``max_message_size`` as the websocket adapter so tests see the same limits.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+
+from ..errors import NetworkError
+from .base import Connection, ConnectionHandler
+
+__all__ = ["MemoryConnection", "MemoryNetwork"]
+
+
+class MemoryConnection:
+    """One end of an in-memory connection."""
+
+    def __init__(
+        self,
+        send: trio.MemorySendChannel[bytes],
+        receive: trio.MemoryReceiveChannel[bytes],
+        *,
+        remote: str,
+        max_message_size: int,
+    ) -> None:
+        self._send = send
+        self._receive = receive
+        self._remote = remote
+        self._max_message_size = max_message_size
+
+    @property
+    def remote(self) -> str:
+        return self._remote
+
+    async def send(self, frame: bytes) -> None:
+        if len(frame) > self._max_message_size:
+            # Like a websocket peer answering 1009 (message too big): the link is lost.
+            await self.aclose()
+            raise NetworkError(
+                f"frame of {len(frame)} bytes to {self._remote} exceeds max_message_size "
+                f"{self._max_message_size}"
+            )
+        try:
+            await self._send.send(bytes(frame))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise NetworkError(f"connection to {self._remote} is closed") from exc
+
+    async def receive(self) -> bytes:
+        try:
+            return await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError) as exc:
+            raise NetworkError(f"connection to {self._remote} is closed") from exc
+
+    async def aclose(self) -> None:
+        await self._send.aclose()
+        await self._receive.aclose()
+
+
+class MemoryNetwork:
+    """A namespace of in-memory listeners; implements the :class:`Transport` interface."""
+
+    def __init__(self, *, max_message_size: int = 1 << 30, buffer: int = 16) -> None:
+        self._listeners: dict[str, trio.MemorySendChannel[MemoryConnection]] = {}
+        self._max_message_size = max_message_size
+        self._buffer = buffer
+        self._ids = itertools.count()
+
+    def _pair(self, a: str, b: str) -> tuple[MemoryConnection, MemoryConnection]:
+        a_to_b_send, a_to_b_recv = trio.open_memory_channel[bytes](self._buffer)
+        b_to_a_send, b_to_a_recv = trio.open_memory_channel[bytes](self._buffer)
+        size = self._max_message_size
+        return (
+            MemoryConnection(a_to_b_send, b_to_a_recv, remote=b, max_message_size=size),
+            MemoryConnection(b_to_a_send, a_to_b_recv, remote=a, max_message_size=size),
+        )
+
+    @asynccontextmanager
+    async def connect(self, address: str) -> AsyncIterator[Connection]:
+        listener = self._listeners.get(address)
+        if listener is None:
+            raise NetworkError(f"nothing listens on {address}")
+        client, server = self._pair(address, f"client-{next(self._ids)}")
+        try:
+            await listener.send(server)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise NetworkError(f"nothing listens on {address}") from exc
+        try:
+            yield client
+        finally:
+            await client.aclose()
+
+    async def serve(
+        self,
+        address: str,
+        handler: ConnectionHandler,
+        *,
+        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        if address in self._listeners:
+            raise NetworkError(f"{address} is already in use")
+        send, receive = trio.open_memory_channel[MemoryConnection](self._buffer)
+        self._listeners[address] = send
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started(address)
+                async for conn in receive:
+                    nursery.start_soon(_handle, handler, conn)
+        finally:
+            del self._listeners[address]
+            send.close()
+
+
+async def _handle(handler: ConnectionHandler, conn: MemoryConnection) -> None:
+    try:
+        await handler(conn)
+    finally:
+        await conn.aclose()

@@ -1,0 +1,89 @@
+"""A connection that speaks Butterfly messages: handshake, typed decode, bounded send queue.
+
+Every long-lived connection (coordinator→worker, worker→worker link) is wrapped in a
+:class:`Peer` inside ``async with open_peer(...)``. Sends go through a bounded queue
+drained by one task, so a slow peer makes its senders wait (backpressure) instead of
+growing memory, and the receive loop never blocks on a send.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+
+from ..errors import NetworkError, ProtocolError
+from ..protocol import Handshake, Hello, Message, decode, encode
+from .base import Connection
+
+__all__ = ["Peer", "open_peer"]
+
+
+class Peer:
+    """Typed messages over a :class:`Connection`. Create it with :func:`open_peer`."""
+
+    def __init__(self, conn: Connection, *, max_message_size: int, send_queue_size: int) -> None:
+        self.conn = conn
+        self.max_message_size = max_message_size
+        self.hello: Hello | None = None
+        self._queue_in, self._queue_out = trio.open_memory_channel[bytes](send_queue_size)
+        self._broken: NetworkError | None = None
+
+    @property
+    def remote(self) -> str:
+        return self.conn.remote
+
+    async def handshake(self, local: Hello, check: Handshake, *, timeout: float) -> Hello:
+        """Send our Hello, validate theirs; raises ``ProtocolError`` or ``FingerprintMismatch``."""
+        await self.conn.send(encode(local))
+        with trio.move_on_after(timeout) as scope:
+            frame = await self.conn.receive()
+        if scope.cancelled_caught:
+            raise NetworkError(f"{self.remote} did not complete the handshake within {timeout:g} s")
+        check.receive(decode(frame, max_size=self.max_message_size))
+        assert check.peer is not None
+        self.hello = check.peer
+        return check.peer
+
+    async def send(self, message: Message) -> None:
+        """Queue ``message``; waits while the queue is full. Raises ``NetworkError`` once broken."""
+        frame = encode(message)
+        if len(frame) > self.max_message_size:
+            raise ProtocolError(
+                f"{type(message).__name__} of {len(frame)} bytes exceeds max_message_size "
+                f"{self.max_message_size}; raise network.max_message_size on every node"
+            )
+        try:
+            await self._queue_in.send(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise self._broken or NetworkError(f"connection to {self.remote} is closed") from None
+
+    async def receive(self) -> Message:
+        """Next decoded message; raises ``NetworkError`` on close, ``ProtocolError`` on garbage."""
+        return decode(await self.conn.receive(), max_size=self.max_message_size)
+
+    async def _drain(self) -> None:
+        try:
+            async for frame in self._queue_out:
+                await self.conn.send(frame)
+        except NetworkError as exc:
+            # Close both directions so the receive loop ends too; senders see the cause.
+            self._broken = exc
+            self._queue_out.close()
+            with trio.CancelScope(shield=True):
+                await self.conn.aclose()
+
+
+@asynccontextmanager
+async def open_peer(
+    conn: Connection, *, max_message_size: int, send_queue_size: int
+) -> AsyncIterator[Peer]:
+    """Run a :class:`Peer`'s sender for the duration of the block; pending sends are dropped on exit."""
+    peer = Peer(conn, max_message_size=max_message_size, send_queue_size=send_queue_size)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peer._drain)
+        try:
+            yield peer
+        finally:
+            nursery.cancel_scope.cancel()
