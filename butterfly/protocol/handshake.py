@@ -19,7 +19,7 @@ from .messages import PROTOCOL_VERSION, Hello, Message
 
 __all__ = ["Handshake", "HandshakeState"]
 
-ROLES = frozenset({"coordinator", "link", "worker"})
+ROLES = frozenset({"coordinator", "link", "member", "worker"})
 
 
 class HandshakeState(enum.Enum):

@@ -71,8 +71,9 @@ class Hello(_Struct, tag="hello"):
     """First message on every connection, in both directions.
 
     ``role`` is ``"coordinator"`` (control, inputs and results), ``"link"`` (a worker
-    pulling the activations it will compute from its upstream worker) or ``"worker"``
-    (a worker answering). Nothing else is decoded from a connection before the
+    pulling the activations it will compute from its upstream worker), ``"member"``
+    (a worker introducing itself to a ``--peers`` worker) or ``"worker"`` (a worker
+    answering any of these). Nothing else is decoded from a connection before the
     Hello exchange succeeded, which leaves room for an authentication step here.
     """
 

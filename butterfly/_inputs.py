@@ -1,0 +1,79 @@
+"""Turning a caller's array into a wire tensor and the answer back into the caller's kind."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+
+from .errors import ApiError, ProtocolError
+from .model.tensors import torch_from_wire, torch_to_wire
+from .protocol import InputSpec, WireTensor, array_from_wire, array_to_wire
+
+__all__ = ["InputKind", "check_input", "from_wire", "to_wire"]
+
+
+@attrs.frozen
+class InputKind:
+    """Enough about the caller's input to answer in the same kind and on the same device."""
+
+    is_torch: bool
+    device: torch.device | None = None
+
+
+def to_wire(x: Any) -> tuple[WireTensor, InputKind]:
+    """Describe a numpy array or torch tensor for the wire; ``ApiError`` for anything else."""
+    if isinstance(x, torch.Tensor):
+        if x.is_complex() or x.is_sparse:
+            raise ApiError(f"input tensor of dtype {x.dtype} / layout {x.layout} is not supported")
+        return torch_to_wire(x), InputKind(is_torch=True, device=x.device)
+    if isinstance(x, np.ndarray):
+        try:
+            return array_to_wire(x), InputKind(is_torch=False)
+        except ProtocolError as exc:
+            raise ApiError(f"input array: {exc}") from None
+    raise ApiError(f"input must be a numpy.ndarray or torch.Tensor, got {type(x).__module__}.{type(x).__qualname__}")
+
+
+def from_wire(tensor: WireTensor, kind: InputKind) -> Any:
+    """The result in the caller's kind: a writable numpy array, or a tensor on the input's device."""
+    if kind.is_torch:
+        return torch_from_wire(tensor, device=kind.device or "cpu")
+    if tensor.dtype == "bfloat16":
+        # numpy has no bfloat16: answer like a torch forward's .float().numpy() would not; keep bits exact.
+        return torch_from_wire(tensor).float().numpy()
+    return array_from_wire(tensor).copy()
+
+
+def _describe_shape(spec: InputSpec) -> str:
+    """E.g. ``(*, ..., 64)``: any leading sizes, any number of middle dims, 64 features."""
+    dims = ["*"] * max(spec.min_ndim - len(spec.trailing), 0)
+    if not spec.max_ndim:
+        dims.append("...")
+    dims += [str(d) for d in spec.trailing]
+    return "(" + ", ".join(dims) + ")"
+
+
+def check_input(tensor: WireTensor, spec: InputSpec, *, max_bytes: int) -> None:
+    """Raise ``ApiError`` naming expected and received when ``tensor`` does not fit ``spec``."""
+    shape = tuple(tensor.shape)
+    received = f"shape {shape} and dtype {tensor.dtype}"
+    expected = f"shape {_describe_shape(spec)}" + (f" and dtype {spec.dtype}" if spec.dtype else "")
+    if not shape:
+        raise ApiError(f"input has {received}: a batch-first tensor needs at least one dimension")
+    ok_rank = len(shape) >= max(spec.min_ndim, 1) and (not spec.max_ndim or len(shape) <= spec.max_ndim)
+    ok_tail = not spec.trailing or shape[-len(spec.trailing):] == tuple(spec.trailing)
+    ok_dtype = not spec.dtype or tensor.dtype == spec.dtype
+    if not (ok_rank and ok_tail and ok_dtype):
+        raise ApiError(f"input has {received}; the model expects {expected}")
+    nbytes = len(tensor.data)
+    # Leave room for the message envelope around the payload.
+    if nbytes + 1024 > max_bytes:
+        raise ApiError(
+            f"input of {nbytes} bytes ({math.prod(shape)} elements) exceeds network.max_message_size "
+            f"({max_bytes} bytes); raise it on the coordinator and every worker, or split the batch"
+        )
+

@@ -1,0 +1,7 @@
+"""Coordination: membership, liveness of workers, and the placement epoch."""
+
+from .service import CoordinationService as CoordinationService
+from .service import Placement as Placement
+from .service import Response as Response
+from .service import WorkerLost as WorkerLost
+from .service import error_from_wire as error_from_wire

@@ -1,0 +1,366 @@
+"""The coordinator's view of the cluster: membership, liveness, and the current placement.
+
+One session task per worker address holds the coordinator→worker connection: it
+sends heartbeats, hears Acks, Assigned and Results, and reconnects with backoff
+after a failure so that a restarted worker is used again. Results and failures go
+to the scheduler through a typed memory channel, never by reaching into its state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import attrs
+import trio
+
+from ..config import ButterflyConfig
+from ..errors import (
+    ERROR_KINDS,
+    ButterflyError,
+    CoordinationError,
+    FingerprintMismatch,
+    NetworkError,
+)
+from ..metrics import MetricsSink, PlacementChanged, WorkerStateChanged
+from ..partition import PartitionService
+from ..protocol import (
+    PROTOCOL_VERSION,
+    Ack,
+    Assign,
+    Assigned,
+    Error,
+    Handshake,
+    Heartbeat,
+    Hello,
+    InputSpec,
+    Message,
+    Result,
+    StageSpec,
+)
+from ..transport import Peer, Transport, dial, open_peer
+from ..transport.retry import backoff_delays
+from ..types import ClusterInfo, StageInfo, WorkerInfo, WorkerState
+
+__all__ = ["CoordinationService", "Placement", "WorkerLost"]
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class WorkerLost:
+    """Sent to the scheduler when a worker's session ends: its in-flight requests fail."""
+
+    node_id: str
+    address: str
+    reason: str
+
+
+#: What the scheduler receives from the coordination service.
+Response = Result | Error | WorkerLost
+
+
+@attrs.frozen
+class Placement:
+    epoch: int
+    stages: tuple[StageSpec, ...]
+
+    @property
+    def nodes(self) -> frozenset[str]:
+        return frozenset(s.node_id for s in self.stages)
+
+
+@attrs.define(eq=False)
+class _Worker:
+    address: str
+    state: WorkerState = WorkerState.CONNECTING
+    hello: Hello | None = None
+    peer: Peer | None = None
+    reason: str = ""
+    first_attempt: trio.Event = attrs.field(factory=trio.Event)
+    last_heard: float = 0.0
+    assigned: dict[int, trio.Event] = attrs.field(factory=dict)
+    assign_error: str = ""
+
+    @property
+    def node_id(self) -> str:
+        return self.hello.node_id if self.hello else ""
+
+
+class CoordinationService:
+    """Discovers the workers from seed addresses, keeps them alive, and assigns stages."""
+
+    def __init__(
+        self,
+        seeds: tuple[str, ...],
+        *,
+        transport: Transport,
+        config: ButterflyConfig,
+        metrics: MetricsSink,
+        partition: PartitionService,
+        responses: trio.MemorySendChannel[Response],
+        node_id: str | None = None,
+    ) -> None:
+        self.seeds = seeds
+        self.transport = transport
+        self.config = config
+        self.metrics = metrics
+        self.partition = partition
+        self.responses = responses
+        self.node_id = node_id or f"coordinator-{uuid.uuid4().hex[:8]}"
+        self._workers: dict[str, _Worker] = {}  # by address
+        self._placement: Placement | None = None
+        self._epoch = 0
+        self._placement_lock = trio.Lock()
+        self._model = ""
+        self._fingerprint = ""
+        self._num_layers = 0
+        self.input_spec = InputSpec()
+        self._nursery: trio.Nursery | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Discover the cluster, check the weights agree, place the model; then keep sessions alive."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for address in self.seeds:
+                self._add_address(address)
+            await self._settle_discovery()
+            self._adopt_model()
+            await self.ensure_placement()
+            task_status.started()
+
+    def _add_address(self, address: str) -> None:
+        if address and address not in self._workers:
+            worker = _Worker(address=address)
+            self._workers[address] = worker
+            assert self._nursery is not None
+            self._nursery.start_soon(self._session, worker)
+
+    async def _settle_discovery(self) -> None:
+        # Peers learned from Hellos add sessions while we wait: loop until none is new.
+        while True:
+            pending = [w for w in self._workers.values() if not w.first_attempt.is_set()]
+            if not pending:
+                return
+            for worker in pending:
+                await worker.first_attempt.wait()
+
+    def _adopt_model(self) -> None:
+        ready = [w for w in self._workers.values() if w.state is WorkerState.READY]
+        if not ready:
+            tried = "; ".join(f"{w.address} ({w.reason or 'unreachable'})" for w in self._workers.values())
+            raise NetworkError(f"no worker reachable; tried {tried}")
+        groups: dict[tuple[str, str], list[_Worker]] = {}
+        for w in ready:
+            assert w.hello is not None
+            groups.setdefault((w.hello.model_name, w.hello.fingerprint), []).append(w)
+        if len(groups) > 1:
+            detail = "; ".join(
+                f"{', '.join(w.address for w in ws)} serve {model!r} with fingerprint {fp[:16]}"
+                for (model, fp), ws in groups.items()
+            )
+            raise FingerprintMismatch(
+                f"workers hold different weights and cannot be combined: {detail}. Give every "
+                "worker the same --weights file; a model factory without --weights must be "
+                "deterministic (seed its random generator)."
+            )
+        (self._model, self._fingerprint), members = next(iter(groups.items()))
+        hello = members[0].hello
+        assert hello is not None
+        self._num_layers = hello.num_layers
+        self.input_spec = hello.input_spec or InputSpec()
+
+    # -- sessions ----------------------------------------------------------------------
+
+    def _set_state(self, worker: _Worker, state: WorkerState, reason: str = "") -> None:
+        worker.state = state
+        worker.reason = reason
+        if worker.node_id:
+            self.metrics.emit(WorkerStateChanged(worker.node_id, str(state)))
+
+    def _hello(self) -> Hello:
+        return Hello(version=PROTOCOL_VERSION, node_id=self.node_id, role="coordinator")
+
+    async def _session(self, worker: _Worker) -> None:
+        """Hold the link to one worker; reconnect with capped backoff after each failure."""
+        net = self.config.network
+        delays = backoff_delays(64, net.reconnect_initial_delay, net.reconnect_max_delay)
+        failures = 0
+        while True:
+            try:
+                await self._connect_and_serve(worker)
+                failures = 0
+            except ButterflyError as exc:
+                reason = str(exc)
+                failures += 1
+            else:
+                reason = "connection closed"
+            finally:
+                worker.peer = None
+                worker.first_attempt.set()
+            lost = worker.state is WorkerState.READY
+            if worker.state is not WorkerState.REFUSED:
+                self._set_state(worker, WorkerState.FAILED, reason)
+            if lost:
+                log.warning("worker %s at %s lost: %s", worker.node_id, worker.address, reason)
+                if self._placement is not None and worker.node_id in self._placement.nodes:
+                    self._placement = None
+                await self.responses.send(WorkerLost(worker.node_id, worker.address, reason))
+            await trio.sleep(delays[min(failures, len(delays) - 1)])
+
+    async def _connect_and_serve(self, worker: _Worker) -> None:
+        net = self.config.network
+        async with (
+            dial(
+                self.transport,
+                worker.address,
+                attempts=net.reconnect_attempts,
+                initial_delay=net.reconnect_initial_delay,
+                max_delay=net.reconnect_max_delay,
+            ) as conn,
+            open_peer(conn, max_message_size=net.max_message_size, send_queue_size=net.send_queue_size) as peer,
+        ):
+            check = Handshake(self._hello(), expect_roles=frozenset({"worker"}))
+            hello = await peer.handshake(self._hello(), check, timeout=net.connect_timeout)
+            if self._fingerprint and (hello.fingerprint, hello.model_name) != (self._fingerprint, self._model):
+                self._set_state(worker, WorkerState.REFUSED, "serves different weights")
+                raise FingerprintMismatch(
+                    f"worker {hello.node_id} at {worker.address} serves {hello.model_name!r} with "
+                    f"fingerprint {hello.fingerprint[:16]}; the cluster serves {self._model!r} with "
+                    f"{self._fingerprint[:16]}"
+                )
+            worker.hello = hello
+            worker.peer = peer
+            worker.last_heard = time.monotonic()
+            self._set_state(worker, WorkerState.READY)
+            worker.first_attempt.set()
+            for address in hello.peers:
+                self._add_address(address)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._heartbeat, worker, peer)
+                await self._receive_loop(worker, peer)
+                nursery.cancel_scope.cancel()
+
+    async def _heartbeat(self, worker: _Worker, peer: Peer) -> None:
+        cfg = self.config.coordination
+        seq = 0
+        while True:
+            await trio.sleep(cfg.heartbeat_interval)
+            silent = time.monotonic() - worker.last_heard
+            if silent > cfg.failure_timeout:
+                # A stopped process keeps its socket open: silence is the only sign.
+                await peer.conn.aclose()
+                return
+            seq += 1
+            with trio.move_on_after(cfg.heartbeat_interval):
+                await peer.send(Heartbeat(seq=seq))
+
+    async def _receive_loop(self, worker: _Worker, peer: Peer) -> None:
+        while True:
+            message: Message = await peer.receive()
+            worker.last_heard = time.monotonic()
+            match message:
+                case Ack():
+                    pass
+                case Assigned(epoch=epoch):
+                    event = worker.assigned.get(epoch)
+                    if event is not None:
+                        event.set()
+                case Error(request_id=-1, message=text, kind=kind):
+                    log.warning("worker %s reports %s: %s", worker.node_id, kind, text)
+                    worker.assign_error = text
+                    for event in worker.assigned.values():
+                        event.set()
+                case Result() | Error():
+                    await self.responses.send(message)
+                case _:
+                    log.info("ignoring %s from %s", type(message).__name__, worker.address)
+
+    # -- placement ---------------------------------------------------------------------
+
+    async def ensure_placement(self) -> Placement:
+        """The current placement; plans and assigns a new one when a worker joined or left."""
+        async with self._placement_lock:
+            if self._placement is not None and self._placement_is_live(self._placement):
+                return self._placement
+            return await self._assign_new_placement()
+
+    def _placement_is_live(self, placement: Placement) -> bool:
+        ready = {w.node_id for w in self._workers.values() if w.state is WorkerState.READY}
+        return placement.nodes <= ready
+
+    def _ready_workers(self) -> list[_Worker]:
+        return [w for w in self._workers.values() if w.state is WorkerState.READY and w.peer is not None]
+
+    async def _assign_new_placement(self) -> Placement:
+        ready = self._ready_workers()
+        t0 = time.perf_counter()
+        stages = self.partition.plan(self._num_layers, [(w.node_id, w.address) for w in ready])
+        planning_s = time.perf_counter() - t0
+        self._epoch += 1
+        epoch = self._epoch
+        assign = Assign(epoch=epoch, stages=stages)
+        for w in ready:
+            w.assigned[epoch] = trio.Event()
+            w.assign_error = ""
+        try:
+            with trio.move_on_after(self.config.api.connect_timeout) as scope:
+                for w in ready:
+                    assert w.peer is not None
+                    await w.peer.send(assign)
+                for w in ready:
+                    await w.assigned[epoch].wait()
+                    if w.assign_error:
+                        raise CoordinationError(
+                            f"worker {w.node_id} at {w.address} refused placement epoch {epoch}: {w.assign_error}"
+                        )
+            if scope.cancelled_caught:
+                slow = [w.address for w in ready if not w.assigned[epoch].is_set()]
+                raise CoordinationError(
+                    f"workers {', '.join(slow)} did not accept placement epoch {epoch} within "
+                    f"{self.config.api.connect_timeout:g} s"
+                )
+        finally:
+            for w in ready:
+                w.assigned.pop(epoch, None)
+        self._placement = Placement(epoch=epoch, stages=stages)
+        self.metrics.emit(PlacementChanged(epoch=epoch, stages=len(stages), planning_s=planning_s))
+        return self._placement
+
+    # -- the narrow interface the scheduler uses ------------------------------------------
+
+    async def send(self, node_id: str, message: Message) -> None:
+        """Send ``message`` to the worker ``node_id``; raises ``NetworkError`` if it is not connected."""
+        for w in self._workers.values():
+            if w.node_id == node_id and w.peer is not None:
+                await w.peer.send(message)
+                return
+        raise NetworkError(f"worker {node_id!r} is not connected")
+
+    def address_of(self, node_id: str) -> str:
+        return next((w.address for w in self._workers.values() if w.node_id == node_id), "?")
+
+    def cluster(self) -> ClusterInfo:
+        placement = self._placement
+        return ClusterInfo(
+            model=self._model,
+            fingerprint=self._fingerprint,
+            num_layers=self._num_layers,
+            epoch=placement.epoch if placement else 0,
+            workers=tuple(
+                WorkerInfo(node_id=w.node_id, address=w.address, state=w.state, reason=w.reason)
+                for w in self._workers.values()
+            ),
+            stages=tuple(
+                StageInfo(index=s.index, layers=range(s.start, s.stop), node_id=s.node_id, address=s.address)
+                for s in (placement.stages if placement else ())
+            ),
+        )
+
+
+def error_from_wire(error: Error) -> ButterflyError:
+    """Rebuild the exception a worker reported (unknown kinds become ``ComputeError``)."""
+    return ERROR_KINDS.get(error.kind, ERROR_KINDS["compute"])(error.message)

@@ -1,0 +1,9 @@
+"""Metrics: event types and the in-process collecting service."""
+
+from .collector import MetricsService as MetricsService
+from .collector import MetricsSink as MetricsSink
+from .events import Event as Event
+from .events import PlacementChanged as PlacementChanged
+from .events import RequestCompleted as RequestCompleted
+from .events import RequestFailed as RequestFailed
+from .events import WorkerStateChanged as WorkerStateChanged

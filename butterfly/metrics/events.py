@@ -1,0 +1,42 @@
+"""Events that components emit for the metrics collector."""
+
+from __future__ import annotations
+
+import attrs
+
+__all__ = [
+    "Event",
+    "PlacementChanged",
+    "RequestCompleted",
+    "RequestFailed",
+    "WorkerStateChanged",
+]
+
+
+@attrs.frozen
+class RequestCompleted:
+    request_id: int
+    latency_s: float
+    batch: int
+
+
+@attrs.frozen
+class RequestFailed:
+    request_id: int
+    kind: str
+
+
+@attrs.frozen
+class WorkerStateChanged:
+    node_id: str
+    state: str
+
+
+@attrs.frozen
+class PlacementChanged:
+    epoch: int
+    stages: int
+    planning_s: float
+
+
+Event = RequestCompleted | RequestFailed | WorkerStateChanged | PlacementChanged

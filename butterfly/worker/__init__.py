@@ -1,0 +1,3 @@
+"""The worker: ``python -m butterfly.worker --listen HOST:PORT --model IMPORT_PATH``."""
+
+from .service import WorkerService as WorkerService

@@ -1,0 +1,159 @@
+"""Command line of a worker process.
+
+    python -m butterfly.worker --listen 127.0.0.1:7070 --model butterfly.model.zoo:small_transformer
+
+Prints one line starting with ``butterfly worker ready`` when it serves; SIGINT or
+SIGTERM shut it down with exit code 0. Bad flags or a model that cannot be loaded
+exit non-zero with a one-line reason on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import torch
+import trio
+
+from ..config import load_config
+from ..errors import ButterflyError
+from ..model import ModelSource
+from ..transport import WebsocketTransport, parse_address
+from .service import WorkerService
+
+PROG = "python -m butterfly.worker"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not usage + error: operators grep logs for it.
+        self.exit(2, f"{PROG}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description="Serve stages of a PyTorch model for Butterfly coordinators.",
+    )
+    p.add_argument(
+        "--listen",
+        required=True,
+        metavar="HOST:PORT",
+        help="address to accept connections on, e.g. 0.0.0.0:7070 (port 0 picks a free port)",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="IMPORT_PATH",
+        help="'package.module:callable' returning a torch.nn.Sequential; without --weights it "
+        "must be deterministic (seed its RNG) so that every worker builds the same weights",
+    )
+    p.add_argument(
+        "--peers",
+        default="",
+        metavar="ws://H:P,...",
+        help="comma-separated addresses of other workers; they learn about this one and "
+        "coordinators discover the whole cluster from any of them",
+    )
+    p.add_argument(
+        "--weights",
+        type=Path,
+        metavar="FILE",
+        help="safetensors file with the model's state_dict (keys like '0.weight')",
+    )
+    p.add_argument("--device", default="cpu", help="torch device for the stages: cpu, cuda or cuda:N")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch intra-op threads (default: torch's choice)",
+    )
+    p.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
+    p.add_argument(
+        "--advertise",
+        metavar="ws://H:P",
+        help="address other nodes should use to reach this worker (default: the bound --listen address)",
+    )
+    p.add_argument("--node-id", help="stable name of this worker (default: random)")
+    p.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    return p
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        host, port = parse_address(args.listen)
+        config = load_config(args.config)
+        peers = tuple(p.strip() for p in args.peers.split(",") if p.strip())
+        for peer in peers:
+            parse_address(peer)
+        if args.advertise:
+            parse_address(args.advertise)
+    except ButterflyError as exc:
+        _fail(str(exc), 2)
+    if args.threads is not None:
+        if args.threads < 1:
+            _fail(f"--threads must be at least 1, got {args.threads}", 2)
+        torch.set_num_threads(args.threads)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        _fail(f"--device {args.device!r} is not a torch device: {exc}", 2)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        _fail(f"--device {args.device} asked for, but torch sees no CUDA device", 2)
+    if args.weights is not None and not args.weights.is_file():
+        _fail(f"--weights {str(args.weights)!r} is not a file", 2)
+
+    source = ModelSource(args.model, weights=args.weights, device=device)
+    worker = WorkerService(
+        source,
+        transport=WebsocketTransport(config.network),
+        listen=f"ws://{host}:{port}",
+        config=config,
+        peers=peers,
+        advertise=args.advertise,
+        node_id=args.node_id,
+    )
+    try:
+        trio.run(_serve, worker)
+    except ButterflyError as exc:
+        _fail(str(exc))
+    except BaseExceptionGroup as group:
+        from .._errors import collapse
+
+        error = collapse(group)
+        if isinstance(error, ButterflyError):
+            _fail(str(error))
+        raise
+
+
+async def _serve(worker: WorkerService) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(worker.run)
+            info = worker.info
+            assert info is not None
+            print(
+                f"butterfly worker ready on {address} node {worker.node_id} model {info.name} "
+                f"({info.num_layers} layers, fingerprint {info.fingerprint[:12]}, "
+                f"{torch.get_num_threads()} threads, device {worker.source.device})",
+                flush=True,
+            )
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,459 @@
+"""The worker: serves the stages it is assigned and forwards activations to the next stage's worker.
+
+Links between workers are dialled by the *receiving* side: the worker of stage k
+connects to the worker of stage k-1 (role ``link``), and stage k-1 sends activations on
+that connection it accepted. Websocket clients must mask their frames in pure Python,
+servers need not, so activations always travel in the fast direction.
+
+Per coordinator (several may share the workers) the worker keeps that coordinator's
+placement; an Activation names its coordinator (``origin``), epoch and stage.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import uuid
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+
+import attrs
+import torch
+import trio
+
+from ..config import ButterflyConfig
+from ..errors import ButterflyError, ComputeError, CoordinationError, NetworkError, error_kind
+from ..model import ModelInfo, ModelSource, StageRuntime
+from ..protocol import (
+    PROTOCOL_VERSION,
+    Ack,
+    Activation,
+    Assign,
+    Assigned,
+    Cancel,
+    Error,
+    Handshake,
+    Heartbeat,
+    Hello,
+    Result,
+    StageSpec,
+)
+from ..transport import Connection, Peer, Transport, dial, open_peer
+
+__all__ = ["WorkerService"]
+
+log = logging.getLogger(__name__)
+
+#: Cancelled request ids remembered per worker; older ones have long left the pipeline.
+_CANCELLED_MEMORY = 10_000
+
+
+@attrs.define
+class _Plan:
+    epoch: int
+    stages: tuple[StageSpec, ...]
+
+
+class WorkerService:
+    """One worker process's service. ``run`` serves until cancelled."""
+
+    def __init__(
+        self,
+        source: ModelSource,
+        *,
+        transport: Transport,
+        listen: str,
+        config: ButterflyConfig | None = None,
+        peers: tuple[str, ...] = (),
+        advertise: str | None = None,
+        node_id: str | None = None,
+    ) -> None:
+        self.source = source
+        self.transport = transport
+        self.listen = listen
+        self.config = config or ButterflyConfig()
+        self.peers = list(dict.fromkeys(peers))
+        self.advertise = advertise
+        self.node_id = node_id or f"worker-{uuid.uuid4().hex[:8]}"
+        self.address = ""
+        self.info: ModelInfo | None = None
+        # One device, one limiter: stages of this worker take turns on its cores.
+        self.limiter = trio.CapacityLimiter(1)
+        self._coordinators: dict[str, Peer] = {}
+        self._plans: dict[str, _Plan] = {}
+        self._runtimes: dict[tuple[int, int], StageRuntime] = {}
+        self._downstream: dict[str, Peer] = {}
+        self._upstream: dict[str, trio.Event] = {}
+        self._links_changed = trio.Event()
+        self._cancelled: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
+        self._assign_lock = trio.Lock()
+        self._nursery: trio.Nursery | None = None
+        self._in_flight = trio.Semaphore(4 * self.config.scheduling.max_in_flight)
+        self.on_event: Callable[[str], None] = lambda _event: None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Describe the model, bind the listener, report the address, serve until cancelled."""
+        self.info = await trio.to_thread.run_sync(self.source.describe)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            bound = await nursery.start(self.transport.serve, self.listen, self._handle_connection)
+            self.address = self.advertise or bound
+            for address in self.peers:
+                nursery.start_soon(self._announce, address)
+            task_status.started(self.address)
+
+    def hello(self, role: str = "worker") -> Hello:
+        assert self.info is not None
+        return Hello(
+            version=PROTOCOL_VERSION,
+            node_id=self.node_id,
+            role=role,
+            model_name=self.info.name,
+            fingerprint=self.info.fingerprint,
+            address=self.address,
+            num_layers=self.info.num_layers,
+            peers=tuple(p for p in self.peers if p != self.address),
+            input_spec=self.info.input_spec,
+        )
+
+    def _open_peer(self, conn: Connection) -> AbstractAsyncContextManager[Peer]:
+        net = self.config.network
+        return open_peer(conn, max_message_size=net.max_message_size, send_queue_size=net.send_queue_size)
+
+    # -- accepted connections ------------------------------------------------------------
+
+    async def _handle_connection(self, conn: Connection) -> None:
+        assert self.info is not None
+        async with self._open_peer(conn) as peer:
+            check = Handshake(
+                self.hello(),
+                expect_roles=frozenset({"coordinator", "link", "member"}),
+            )
+            try:
+                hello = await peer.handshake(
+                    self.hello(), check, timeout=self.config.network.connect_timeout
+                )
+                if hello.role == "link" and (
+                    hello.fingerprint != self.info.fingerprint or hello.model_name != self.info.name
+                ):
+                    raise CoordinationError(
+                        f"worker {hello.node_id!r} serves {hello.model_name!r} with fingerprint "
+                        f"{hello.fingerprint[:16]}; this worker serves {self.info.name!r} with "
+                        f"{self.info.fingerprint[:16]}"
+                    )
+            except ButterflyError as exc:
+                log.warning("refused connection from %s: %s", conn.remote, exc)
+                await _send_quietly(peer, Error(kind=error_kind(exc), message=str(exc)))
+                return
+            if hello.role == "coordinator":
+                await self._serve_coordinator(peer, hello)
+            elif hello.role == "member":
+                self._learn_peers((hello.address, *hello.peers))
+            else:
+                await self._serve_downstream(peer, hello)
+
+    async def _serve_coordinator(self, peer: Peer, hello: Hello) -> None:
+        origin = hello.node_id
+        self._coordinators[origin] = peer
+        self.on_event(f"coordinator-connected:{origin}")
+        try:
+            while True:
+                message = await _receive_or_none(peer)
+                match message:
+                    case None:
+                        return
+                    case Heartbeat(seq=seq):
+                        await peer.send(Ack(seq=seq))
+                    case Assign():
+                        self._spawn(self._assign, origin, message)
+                    case Activation():
+                        await self._admit(message)
+                    case Cancel(request_id=rid):
+                        self._cancel(origin, rid)
+                    case _:
+                        log.info("ignoring %s from coordinator %s", type(message).__name__, origin)
+        finally:
+            if self._coordinators.get(origin) is peer:
+                del self._coordinators[origin]
+                self._plans.pop(origin, None)
+                self._release_unused_stages()
+
+    async def _serve_downstream(self, peer: Peer, hello: Hello) -> None:
+        """A worker pulls activations from us on this connection; we only send on it."""
+        self._downstream[hello.node_id] = peer
+        self._signal_links()
+        try:
+            while True:
+                message = await _receive_or_none(peer)
+                match message:
+                    case None:
+                        return
+                    case Heartbeat(seq=seq):
+                        await peer.send(Ack(seq=seq))
+                    case _:
+                        pass
+        finally:
+            if self._downstream.get(hello.node_id) is peer:
+                del self._downstream[hello.node_id]
+                self._signal_links()
+
+    # -- membership ------------------------------------------------------------------------
+
+    def _learn_peers(self, addresses: tuple[str, ...]) -> None:
+        for address in addresses:
+            if address and address != self.address and address not in self.peers:
+                self.peers.append(address)
+
+    async def _announce(self, address: str) -> None:
+        """Tell a ``--peers`` worker about us and learn whom it knows (one Hello each way)."""
+        net = self.config.network
+        try:
+            async with (
+                dial(
+                    self.transport,
+                    address,
+                    attempts=net.reconnect_attempts,
+                    initial_delay=net.reconnect_initial_delay,
+                    max_delay=net.reconnect_max_delay,
+                ) as conn,
+                self._open_peer(conn) as peer,
+            ):
+                check = Handshake(self.hello("member"), expect_roles=frozenset({"worker"}))
+                hello = await peer.handshake(self.hello("member"), check, timeout=net.connect_timeout)
+                self._learn_peers((hello.address, *hello.peers))
+        except ButterflyError as exc:
+            log.warning("could not announce this worker to peer %s: %s", address, exc)
+
+    # -- assignment ------------------------------------------------------------------------
+
+    async def _assign(self, origin: str, assign: Assign) -> None:
+        peer = self._coordinators.get(origin)
+        try:
+            async with self._assign_lock:
+                self._check_plan(assign)
+                mine = [s for s in assign.stages if s.node_id == self.node_id]
+                for spec in mine:
+                    if (spec.start, spec.stop) not in self._runtimes:
+                        layers = await trio.to_thread.run_sync(
+                            self.source.build_layers, spec.start, spec.stop
+                        )
+                        self._runtimes[(spec.start, spec.stop)] = StageRuntime(
+                            layers,
+                            start=spec.start,
+                            stop=spec.stop,
+                            device=self.source.device,
+                            limiter=self.limiter,
+                            max_bytes=self.config.network.max_message_size,
+                        )
+                for spec in mine:
+                    if spec.index > 0:
+                        upstream = assign.stages[spec.index - 1]
+                        if upstream.node_id != self.node_id:
+                            await self._ensure_upstream_link(upstream)
+                self._plans[origin] = _Plan(assign.epoch, assign.stages)
+                self._release_unused_stages()
+            self.on_event(f"assigned:{origin}:{assign.epoch}")
+            if peer is not None:
+                await peer.send(Assigned(epoch=assign.epoch, node_id=self.node_id))
+        except ButterflyError as exc:
+            log.warning("assignment %d from %s failed: %s", assign.epoch, origin, exc)
+            if peer is not None:
+                await _send_quietly(peer, Error(kind=error_kind(exc), message=str(exc)))
+
+    def _check_plan(self, assign: Assign) -> None:
+        assert self.info is not None
+        expected_start = 0
+        for i, spec in enumerate(assign.stages):
+            if spec.index != i or spec.start != expected_start or spec.stop <= spec.start:
+                raise CoordinationError(
+                    f"placement of epoch {assign.epoch} is not a contiguous cover of the layers: "
+                    f"stage {i} is [{spec.start}, {spec.stop}), expected to start at {expected_start}"
+                )
+            expected_start = spec.stop
+        if expected_start != self.info.num_layers:
+            raise CoordinationError(
+                f"placement of epoch {assign.epoch} covers {expected_start} layers; "
+                f"the model has {self.info.num_layers}"
+            )
+
+    def _release_unused_stages(self) -> None:
+        used = {
+            (s.start, s.stop)
+            for plan in self._plans.values()
+            for s in plan.stages
+            if s.node_id == self.node_id
+        }
+        for key in [k for k in self._runtimes if k not in used]:
+            del self._runtimes[key]
+
+    async def _ensure_upstream_link(self, upstream: StageSpec) -> None:
+        ready = self._upstream.get(upstream.node_id)
+        if ready is None:
+            ready = trio.Event()
+            self._upstream[upstream.node_id] = ready
+            self._spawn(self._pull_from, upstream, ready)
+        with trio.move_on_after(self.config.network.connect_timeout * 2):
+            await ready.wait()
+        if not ready.is_set() or self._upstream.get(upstream.node_id) is not ready:
+            raise NetworkError(
+                f"cannot link to upstream worker {upstream.node_id!r} at {upstream.address}"
+            )
+
+    async def _pull_from(self, upstream: StageSpec, ready: trio.Event) -> None:
+        """Dial the upstream worker and compute the activations it sends us, until the link breaks."""
+        net = self.config.network
+        assert self.info is not None
+        try:
+            async with (
+                dial(
+                    self.transport,
+                    upstream.address,
+                    attempts=net.reconnect_attempts,
+                    initial_delay=net.reconnect_initial_delay,
+                    max_delay=net.reconnect_max_delay,
+                ) as conn,
+                self._open_peer(conn) as peer,
+            ):
+                check = Handshake(
+                    self.hello("link"),
+                    expect_roles=frozenset({"worker"}),
+                    expect_model=self.info.name,
+                    expect_fingerprint=self.info.fingerprint,
+                )
+                await peer.handshake(self.hello("link"), check, timeout=net.connect_timeout)
+                ready.set()
+                while True:
+                    message = await _receive_or_none(peer)
+                    if message is None:
+                        return
+                    if isinstance(message, Activation):
+                        await self._admit(message)
+        except ButterflyError as exc:
+            log.warning("link to upstream %s ended: %s", upstream.address, exc)
+        finally:
+            if self._upstream.get(upstream.node_id) is ready:
+                del self._upstream[upstream.node_id]
+
+    # -- the data path ---------------------------------------------------------------------
+
+    async def _admit(self, activation: Activation) -> None:
+        # Bounded work per worker: when full, stop reading, which backpressures the sender.
+        await self._in_flight.acquire()
+        self._spawn(self._process, activation)
+
+    async def _process(self, activation: Activation) -> None:
+        try:
+            await self._run_stages(activation)
+        except ButterflyError as exc:  # a request failure, never a worker failure
+            await self._report(activation, exc)
+        finally:
+            self._in_flight.release()
+
+    async def _run_stages(self, activation: Activation) -> None:
+        origin, rid = activation.origin, activation.request_id
+        plan = self._plans.get(origin)
+        if plan is None or plan.epoch != activation.epoch:
+            raise CoordinationError(
+                f"worker {self.node_id} has no placement of epoch {activation.epoch} for {origin!r}"
+            )
+        tensor = activation.tensor
+        stage = activation.stage
+        if not 0 <= stage < len(plan.stages) or plan.stages[stage].node_id != self.node_id:
+            raise CoordinationError(
+                f"worker {self.node_id} does not hold stage {stage} of epoch {activation.epoch}"
+            )
+        while True:
+            if (origin, rid) in self._cancelled:
+                return
+            spec = plan.stages[stage]
+            runtime = self._runtimes[(spec.start, spec.stop)]
+            try:
+                tensor = await runtime.forward(tensor)
+            except ButterflyError:
+                raise
+            except Exception as exc:
+                raise ComputeError(
+                    f"stage {stage} (layers {spec.start}..{spec.stop - 1}) on worker "
+                    f"{self.node_id} raised {type(exc).__name__}: {exc}"
+                ) from exc
+            if (origin, rid) in self._cancelled:
+                return
+            stage += 1
+            if stage == len(plan.stages):
+                peer = self._coordinators.get(origin)
+                if peer is not None:
+                    await peer.send(Result(request_id=rid, epoch=activation.epoch, tensor=tensor))
+                return
+            nxt = plan.stages[stage]
+            if nxt.node_id != self.node_id:
+                link = await self._downstream_link(nxt)
+                await link.send(
+                    Activation(request_id=rid, epoch=activation.epoch, stage=stage, origin=origin, tensor=tensor)
+                )
+                return
+
+    async def _downstream_link(self, spec: StageSpec) -> Peer:
+        # The downstream worker dials us while it accepts its assignment; allow it to land.
+        with trio.move_on_after(self.config.network.connect_timeout):
+            while spec.node_id not in self._downstream:
+                await self._links_changed.wait()
+        link = self._downstream.get(spec.node_id)
+        if link is None:
+            raise NetworkError(
+                f"worker {self.node_id} has no link to stage {spec.index}'s worker {spec.node_id!r} "
+                f"at {spec.address}"
+            )
+        return link
+
+    def _signal_links(self) -> None:
+        self._links_changed.set()
+        self._links_changed = trio.Event()
+
+    def _cancel(self, origin: str, request_id: int) -> None:
+        self._cancelled[(origin, request_id)] = None
+        while len(self._cancelled) > _CANCELLED_MEMORY:
+            self._cancelled.popitem(last=False)
+
+    async def _report(self, activation: Activation, exc: ButterflyError) -> None:
+        peer = self._coordinators.get(activation.origin)
+        if peer is not None:
+            error = Error(
+                kind=error_kind(exc),
+                message=str(exc),
+                request_id=activation.request_id,
+                origin=activation.origin,
+            )
+            await _send_quietly(peer, error)
+
+    def _spawn(self, fn: Callable[..., object], *args: object) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)  # type: ignore[arg-type]
+
+    def statistics(self) -> dict[str, object]:
+        """Introspection for tests and logs."""
+        return {
+            "node_id": self.node_id,
+            "coordinators": sorted(self._coordinators),
+            "stages": sorted(self._runtimes),
+            "downstream": sorted(self._downstream),
+            "upstream": sorted(self._upstream),
+            "threads": torch.get_num_threads(),
+        }
+
+
+async def _receive_or_none(peer: Peer) -> object | None:
+    """Next message, or ``None`` when the connection closed."""
+    try:
+        return await peer.receive()
+    except NetworkError:
+        return None
+
+
+async def _send_quietly(peer: Peer, message: Error) -> None:
+    try:
+        await peer.send(message)
+    except ButterflyError:
+        pass
+
