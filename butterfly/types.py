@@ -6,6 +6,8 @@ import enum
 
 import attrs
 
+from .protocol import InputSpec
+
 __all__ = ["ClusterInfo", "NodeId", "StageInfo", "WorkerInfo", "WorkerState"]
 
 NodeId = str
@@ -47,6 +49,8 @@ class ClusterInfo:
     epoch: int
     workers: tuple[WorkerInfo, ...]
     stages: tuple[StageInfo, ...]
+    #: What the first stage accepts (checked before a request is sent).
+    input_spec: InputSpec = InputSpec()
 
     def __str__(self) -> str:
         lines = [f"model {self.model} ({self.num_layers} layers, fingerprint {self.fingerprint[:12]})"]

@@ -358,6 +358,7 @@ class CoordinationService:
                 StageInfo(index=s.index, layers=range(s.start, s.stop), node_id=s.node_id, address=s.address)
                 for s in (placement.stages if placement else ())
             ),
+            input_spec=self.input_spec,
         )
 
 

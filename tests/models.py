@@ -1,0 +1,59 @@
+"""Model factories used by the tests; worker processes import them as ``tests.models:NAME``.
+
+Faulty models live here, in the test suite, not as switches in the library.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from torch import nn
+
+from butterfly.model.zoo import mlp, small_transformer
+
+__all__ = ["mlp", "random_mlp", "raising", "slow_mlp", "small_transformer"]
+
+
+class Sleep(nn.Module):
+    """Takes ``seconds`` per forward: keeps a request in flight long enough to kill a worker."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return x
+
+
+class RaiseOnNegativeFirst(nn.Module):
+    """Raises when the first element of the batch is negative: a model bug on some inputs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.reshape(-1)[0] < 0:
+            raise ValueError("negative first element")
+        return x
+
+
+def slow_mlp() -> nn.Sequential:
+    """``mlp`` with a 1.5 s pause in the middle stage (layers 2..3 of 6 on 3 workers)."""
+    base = mlp()
+    return nn.Sequential(base[0], base[1], Sleep(1.5), base[2], base[3], base[4])
+
+
+def raising() -> nn.Sequential:
+    """``mlp`` whose third layer raises on inputs whose first element is negative."""
+    base = mlp()
+    return nn.Sequential(base[0], base[1], RaiseOnNegativeFirst(), base[2], base[3], base[4])
+
+
+def random_mlp() -> nn.Sequential:
+    """Not deterministic unless BUTTERFLY_TEST_SEED is set: each process draws its own weights."""
+    seed = os.environ.get("BUTTERFLY_TEST_SEED")
+    gen = torch.Generator().manual_seed(int(seed)) if seed else None
+    layer = nn.Linear(64, 64)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(64, 64, generator=gen))
+    return nn.Sequential(layer, nn.GELU(), nn.Linear(64, 64))
