@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import trio
 
 from .errors import ButterflyError
 
-__all__ = ["collapse"]
+__all__ = ["collapse", "unwrap_groups"]
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
@@ -31,3 +34,15 @@ def collapse(exc: BaseException) -> BaseException:
     if isinstance(exc, BaseExceptionGroup) and len(leaves) == 1:
         return leaves[0]
     return exc
+
+
+@contextmanager
+def unwrap_groups() -> Iterator[None]:
+    """Re-raise a group that holds a ``ButterflyError`` as that error, so ``except NetworkError`` works."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        error = collapse(group)
+        if isinstance(error, ButterflyError):
+            raise error from group
+        raise

@@ -16,7 +16,7 @@ from ._portal import Portal, refuse_inside_trio
 from .config import ButterflyConfig, load_config
 from .errors import ApiError, ButterflyError
 from .system import ButterflySystem
-from .transport import Transport, parse_address
+from .transport import Transport, WebsocketTransport
 from .types import ClusterInfo
 
 __all__ = ["AsyncButterfly", "Butterfly"]
@@ -24,7 +24,7 @@ __all__ = ["AsyncButterfly", "Butterfly"]
 ConfigSource = ButterflyConfig | str | os.PathLike[str] | dict[str, Any] | None
 
 
-def _check_peers(peers: Iterable[str] | str) -> tuple[str, ...]:
+def _check_peers(peers: Iterable[str] | str, transport: Transport) -> tuple[str, ...]:
     if isinstance(peers, str):
         peers = [peers]
     try:
@@ -37,7 +37,7 @@ def _check_peers(peers: Iterable[str] | str) -> tuple[str, ...]:
         if not isinstance(peer, str):
             raise ApiError(f"peer {peer!r} is not a string; expected 'ws://HOST:PORT'")
         try:
-            parse_address(peer)
+            transport.validate_address(peer)
         except ButterflyError as exc:
             raise ApiError(str(exc)) from None
     return result
@@ -76,8 +76,9 @@ class Butterfly:
         ``FingerprintMismatch`` when the workers hold different weights.
         """
         refuse_inside_trio("Butterfly.connect")
-        seeds = _check_peers(peers)
         cfg = load_config(config)
+        transport = transport or WebsocketTransport(cfg.network)
+        seeds = _check_peers(peers, transport)
         _check_timeout(timeout, "timeout")
         system = ButterflySystem(seeds, config=cfg, transport=transport)
         portal = Portal()
@@ -175,8 +176,9 @@ class AsyncButterfly:
         timeout: float | None = None,
         transport: Transport | None = None,
     ) -> AsyncIterator[AsyncButterfly]:
-        seeds = _check_peers(peers)
         cfg = load_config(config)
+        transport = transport or WebsocketTransport(cfg.network)
+        seeds = _check_peers(peers, transport)
         _check_timeout(timeout, "timeout")
         system = ButterflySystem(seeds, config=cfg, transport=transport)
         try:

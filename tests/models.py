@@ -28,12 +28,12 @@ class Sleep(nn.Module):
         return x
 
 
-class RaiseOnNegativeFirst(nn.Module):
-    """Raises when the first element of the batch is negative: a model bug on some inputs."""
+class RaiseOnNaN(nn.Module):
+    """Raises when the activation holds a NaN: a model that fails on some inputs only."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.reshape(-1)[0] < 0:
-            raise ValueError("negative first element")
+        if torch.isnan(x).any():
+            raise ValueError("NaN in activation")
         return x
 
 
@@ -44,9 +44,9 @@ def slow_mlp() -> nn.Sequential:
 
 
 def raising() -> nn.Sequential:
-    """``mlp`` whose third layer raises on inputs whose first element is negative."""
+    """``mlp`` whose third layer raises on inputs holding a NaN (it propagates from the input)."""
     base = mlp()
-    return nn.Sequential(base[0], base[1], RaiseOnNegativeFirst(), base[2], base[3], base[4])
+    return nn.Sequential(base[0], base[1], RaiseOnNaN(), base[2], base[3], base[4])
 
 
 def random_mlp() -> nn.Sequential:

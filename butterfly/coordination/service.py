@@ -15,6 +15,7 @@ import uuid
 import attrs
 import trio
 
+from .._errors import unwrap_groups
 from ..config import ButterflyConfig
 from ..errors import (
     ERROR_KINDS,
@@ -191,7 +192,8 @@ class CoordinationService:
         failures = 0
         while True:
             try:
-                await self._connect_and_serve(worker)
+                with unwrap_groups():
+                    await self._connect_and_serve(worker)
                 failures = 0
             except ButterflyError as exc:
                 reason = str(exc)

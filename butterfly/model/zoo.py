@@ -6,18 +6,33 @@ so workers started without ``--weights`` agree on the weights.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
-__all__ = ["mlp", "reference_transformer", "small_transformer", "transformer"]
+__all__ = ["mlp", "reference_transformer", "seeded", "small_transformer", "transformer"]
+
+# torch's default generator is process-global: two threads seeding and drawing from it
+# at once (several in-process workers building stages) would interleave their draws.
+_rng_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Draw from torch's global RNG seeded with ``seed``, without disturbing the caller's state."""
+    with _rng_lock, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def transformer(
     layers: int, d_model: int, heads: int, ffn: int, *, seed: int = 0
 ) -> nn.Sequential:
     """``layers`` × ``nn.TransformerEncoderLayer`` (batch-first, no dropout), in eval mode."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = nn.Sequential(
             *(
                 nn.TransformerEncoderLayer(
@@ -45,8 +60,7 @@ def small_transformer() -> nn.Sequential:
 
 def mlp() -> nn.Sequential:
     """A tiny 6-layer MLP (64 features), the fast model of the test suite. Input ``(batch, 64)``."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with seeded(0):
         layers: list[nn.Module] = []
         for _ in range(3):
             layers += [nn.Linear(64, 64), nn.GELU()]

@@ -40,6 +40,10 @@ ConnectionHandler = Callable[[Connection], Awaitable[None]]
 class Transport(Protocol):
     """Opens connections to addresses and serves incoming ones."""
 
+    def validate_address(self, address: str) -> None:
+        """Raise ``NetworkError`` if ``address`` is not one this transport can dial."""
+        ...
+
     def connect(self, address: str) -> AbstractAsyncContextManager[Connection]:
         """Open a connection for the duration of the ``async with`` block."""
         ...

@@ -7,6 +7,7 @@ the same ``max_message_size`` as the websocket adapter so tests see the same lim
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -16,6 +17,8 @@ from ..errors import NetworkError
 from .base import Connection, ConnectionHandler
 
 __all__ = ["MemoryConnection", "MemoryNetwork"]
+
+log = logging.getLogger(__name__)
 
 
 class MemoryConnection:
@@ -80,6 +83,10 @@ class MemoryNetwork:
             MemoryConnection(b_to_a_send, a_to_b_recv, remote=a, max_message_size=size),
         )
 
+    def validate_address(self, address: str) -> None:
+        if not address:
+            raise NetworkError("empty address")
+
     @asynccontextmanager
     async def connect(self, address: str) -> AsyncIterator[Connection]:
         listener = self._listeners.get(address)
@@ -119,5 +126,8 @@ class MemoryNetwork:
 async def _handle(handler: ConnectionHandler, conn: MemoryConnection) -> None:
     try:
         await handler(conn)
+    except Exception as exc:
+        # Like the websocket server: one connection's failure never takes the listener down.
+        log.info("connection %s ended: %r", conn.remote, exc)
     finally:
         await conn.aclose()

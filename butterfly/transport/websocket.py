@@ -81,6 +81,9 @@ class WebsocketTransport:
     def __init__(self, config: NetworkConfig | None = None) -> None:
         self.config = config or NetworkConfig()
 
+    def validate_address(self, address: str) -> None:
+        parse_address(address)
+
     @asynccontextmanager
     async def connect(self, address: str) -> AsyncIterator[Connection]:
         host, port = parse_address(address)
@@ -121,9 +124,9 @@ class WebsocketTransport:
             peer = f"{remote.address}:{remote.port}" if hasattr(remote, "port") else str(remote)
             try:
                 await handler(WebsocketConnection(ws, f"ws://{peer}"))
-            except (NetworkError, ProtocolError) as exc:
-                # One bad peer must never take the server down.
-                log.info("connection from %s ended: %s", peer, exc)
+            except Exception as exc:
+                # One bad peer (or one handler bug) must never take the server down.
+                log.info("connection from %s ended: %r", peer, exc)
             finally:
                 await ws.aclose()
 

@@ -21,6 +21,7 @@ import attrs
 import torch
 import trio
 
+from .._errors import unwrap_groups
 from ..config import ButterflyConfig
 from ..errors import ButterflyError, ComputeError, CoordinationError, NetworkError, error_kind
 from ..model import ModelInfo, ModelSource, StageRuntime
@@ -208,23 +209,27 @@ class WorkerService:
 
     async def _announce(self, address: str) -> None:
         """Tell a ``--peers`` worker about us and learn whom it knows (one Hello each way)."""
-        net = self.config.network
         try:
-            async with (
-                dial(
-                    self.transport,
-                    address,
-                    attempts=net.reconnect_attempts,
-                    initial_delay=net.reconnect_initial_delay,
-                    max_delay=net.reconnect_max_delay,
-                ) as conn,
-                self._open_peer(conn) as peer,
-            ):
-                check = Handshake(self.hello("member"), expect_roles=frozenset({"worker"}))
-                hello = await peer.handshake(self.hello("member"), check, timeout=net.connect_timeout)
-                self._learn_peers((hello.address, *hello.peers))
+            with unwrap_groups():
+                await self._introduce(address)
         except ButterflyError as exc:
             log.warning("could not announce this worker to peer %s: %s", address, exc)
+
+    async def _introduce(self, address: str) -> None:
+        net = self.config.network
+        async with (
+            dial(
+                self.transport,
+                address,
+                attempts=net.reconnect_attempts,
+                initial_delay=net.reconnect_initial_delay,
+                max_delay=net.reconnect_max_delay,
+            ) as conn,
+            self._open_peer(conn) as peer,
+        ):
+            check = Handshake(self.hello("member"), expect_roles=frozenset({"worker"}))
+            hello = await peer.handshake(self.hello("member"), check, timeout=net.connect_timeout)
+            self._learn_peers((hello.address, *hello.peers))
 
     # -- assignment ------------------------------------------------------------------------
 
@@ -303,38 +308,42 @@ class WorkerService:
 
     async def _pull_from(self, upstream: StageSpec, ready: trio.Event) -> None:
         """Dial the upstream worker and compute the activations it sends us, until the link breaks."""
-        net = self.config.network
-        assert self.info is not None
         try:
-            async with (
-                dial(
-                    self.transport,
-                    upstream.address,
-                    attempts=net.reconnect_attempts,
-                    initial_delay=net.reconnect_initial_delay,
-                    max_delay=net.reconnect_max_delay,
-                ) as conn,
-                self._open_peer(conn) as peer,
-            ):
-                check = Handshake(
-                    self.hello("link"),
-                    expect_roles=frozenset({"worker"}),
-                    expect_model=self.info.name,
-                    expect_fingerprint=self.info.fingerprint,
-                )
-                await peer.handshake(self.hello("link"), check, timeout=net.connect_timeout)
-                ready.set()
-                while True:
-                    message = await _receive_or_none(peer)
-                    if message is None:
-                        return
-                    if isinstance(message, Activation):
-                        await self._admit(message)
+            with unwrap_groups():
+                await self._pull(upstream, ready)
         except ButterflyError as exc:
             log.warning("link to upstream %s ended: %s", upstream.address, exc)
         finally:
             if self._upstream.get(upstream.node_id) is ready:
                 del self._upstream[upstream.node_id]
+
+    async def _pull(self, upstream: StageSpec, ready: trio.Event) -> None:
+        net = self.config.network
+        assert self.info is not None
+        async with (
+            dial(
+                self.transport,
+                upstream.address,
+                attempts=net.reconnect_attempts,
+                initial_delay=net.reconnect_initial_delay,
+                max_delay=net.reconnect_max_delay,
+            ) as conn,
+            self._open_peer(conn) as peer,
+        ):
+            check = Handshake(
+                self.hello("link"),
+                expect_roles=frozenset({"worker"}),
+                expect_model=self.info.name,
+                expect_fingerprint=self.info.fingerprint,
+            )
+            await peer.handshake(self.hello("link"), check, timeout=net.connect_timeout)
+            ready.set()
+            while True:
+                message = await _receive_or_none(peer)
+                if message is None:
+                    return
+                if isinstance(message, Activation):
+                    await self._admit(message)
 
     # -- the data path ---------------------------------------------------------------------
 

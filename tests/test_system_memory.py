@@ -1,0 +1,260 @@
+"""The whole coordinator + workers protocol in one process, over the in-memory transport.
+
+Real torch compute, real services and channels; only the sockets are replaced.
+The e2e tests in tests/e2e repeat the essentials with real processes and sockets.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import trio
+
+from butterfly import AsyncButterfly
+from butterfly.config import ButterflyConfig, load_config
+from butterfly.errors import (
+    ApiError,
+    ComputeError,
+    CoordinationError,
+    FingerprintMismatch,
+    NetworkError,
+    RequestTimeout,
+    SchedulingError,
+)
+from butterfly.model import ModelSource
+from butterfly.model.zoo import mlp
+from butterfly.transport import MemoryNetwork
+from butterfly.types import WorkerState
+from butterfly.worker import WorkerService
+
+FAST = {"coordination": {"heartbeat_interval": 0.2, "failure_timeout": 2.0}}
+
+
+async def start_workers(
+    nursery: trio.Nursery, net: MemoryNetwork, model: str, n: int = 3, config: ButterflyConfig | None = None
+) -> list[WorkerService]:
+    """Worker 0 alone, the others with ``--peers`` worker 0 (as LocalCluster does)."""
+    workers: list[WorkerService] = []
+    for i in range(n):
+        peers = ("mem://w0",) if i else ()
+        worker = WorkerService(
+            ModelSource(model), transport=net, listen=f"mem://w{i}", peers=peers, config=config or load_config(FAST)
+        )
+        await nursery.start(worker.run)
+        workers.append(worker)
+    await trio.sleep(0.05)  # let the announcements land
+    return workers
+
+
+def local_forward(x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return mlp()(x)
+
+
+async def test_infer_through_three_workers_equals_the_local_forward() -> None:
+    net = MemoryNetwork()
+    async with trio.open_nursery() as nursery:
+        await start_workers(nursery, net, "butterfly.model.zoo:mlp")
+        async with AsyncButterfly.connect(["mem://w0"], transport=net, config=FAST) as b:
+            x = torch.randn(8, 64)
+            torch.testing.assert_close(await b.infer(x), local_forward(x), rtol=0, atol=0)
+        nursery.cancel_scope.cancel()
+
+
+async def test_coordinator_discovers_every_worker_from_one_address() -> None:
+    net = MemoryNetwork()
+    async with trio.open_nursery() as nursery:
+        workers = await start_workers(nursery, net, "butterfly.model.zoo:mlp")
+        async with AsyncButterfly.connect(["mem://w2"], transport=net, config=FAST) as b:
+            cluster = b.cluster()
+            assert sorted(w.address for w in cluster.workers) == ["mem://w0", "mem://w1", "mem://w2"]
+            assert all(w.state is WorkerState.READY for w in cluster.workers)
+            assert [s.layers for s in cluster.stages] == [range(0, 2), range(2, 4), range(4, 6)]
+            assert {s.node_id for s in cluster.stages} == {w.node_id for w in workers}
+            assert cluster.num_layers == 6
+        nursery.cancel_scope.cancel()
+
+
+async def test_numpy_input_gives_numpy_output() -> None:
+    net = MemoryNetwork()
+    async with trio.open_nursery() as nursery:
+        await start_workers(nursery, net, "butterfly.model.zoo:mlp", n=2)
+        async with AsyncButterfly.connect(["mem://w0"], transport=net, config=FAST) as b:
+            x = np.random.default_rng(0).standard_normal((2, 64), dtype=np.float32)
+            y = await b.infer(x)
+            assert isinstance(y, np.ndarray)
+            assert y.flags.writeable
+            np.testing.assert_array_equal(y, local_forward(torch.from_numpy(x)).numpy())
+        nursery.cancel_scope.cancel()
+
+
+async def test_concurrent_requests_each_get_their_own_answer() -> None:
+    net = MemoryNetwork()
+    async with trio.open_nursery() as nursery:
+        await start_workers(nursery, net, "butterfly.model.zoo:mlp")
+        async with AsyncButterfly.connect(["mem://w0"], transport=net, config=FAST) as b:
+            inputs = [torch.full((1, 64), float(i)) for i in range(40)]
+            outputs: dict[int, torch.Tensor] = {}
+
+            async def one(i: int) -> None:
+                outputs[i] = await b.infer(inputs[i])
+
+            async with trio.open_nursery() as requests:
+                for i in range(40):
+                    requests.start_soon(one, i)
+            for i in range(40):
+                torch.testing.assert_close(outputs[i], local_forward(inputs[i]), rtol=0, atol=0)
+            assert b.metrics()["requests_completed"] == 40
+        nursery.cancel_scope.cancel()
+
+
+async def test_wrong_shape_is_an_api_error_and_the_next_request_works() -> None:
+    net = MemoryNetwork()
+    async with trio.open_nursery() as nursery:
+        await start_workers(nursery, net, "butterfly.model.zoo:mlp", n=2)
+        async with AsyncButterfly.connect(["mem://w0"], transport=net, config=FAST) as b:
+            with pytest.raises(ApiError, match=r"input has shape \(2, 10\) and dtype float32; the model expects shape \(\*, \.\.\., 64\) and dtype float32"):
+                await b.infer(torch.zeros(2, 10))
+            with pytest.raises(ApiError, match="dtype float64; the model expects .* dtype float32"):
+                await b.infer(np.zeros((2, 64)))
+            x = torch.randn(1, 64)
+            torch.testing.assert_close(await b.infer(x), local_forward(x), rtol=0, atol=0)
+        nursery.cancel_scope.cancel()
+
+
+async def test_model_error_on_one_input_is_a_compute_error_and_the_cluster_keeps_serving() -> None:
+    net = MemoryNetwork()
+    async with trio.open_nursery() as nursery:
+        await start_workers(nursery, net, "tests.models:raising")
+        async with AsyncButterfly.connect(["mem://w0"], transport=net, config=FAST) as b:
+            with pytest.raises(ComputeError, match=r"stage 1 \(layers 2\.\.3\) on worker .* raised ValueError: NaN in activation"):
+                await b.infer(torch.full((1, 64), float("nan")))
+            y = await b.infer(torch.ones(1, 64))
+            assert y.shape == (1, 64)
+        nursery.cancel_scope.cancel()
+
+
+async def test_request_past_its_timeout_fails_and_is_cancelled_on_the_workers() -> None:
+    net = MemoryNetwork()
+    async with trio.open_nursery() as nursery:
+        workers = await start_workers(nursery, net, "tests.models:slow_mlp")
+        async with AsyncButterfly.connect(["mem://w0"], transport=net, config=FAST) as b:
+            with pytest.raises(RequestTimeout, match=r"did not complete within 0.3 s"):
+                await b.infer(torch.zeros(1, 64), timeout=0.3)
+            await trio.sleep(0.1)
+            # Every worker of the placement was told to drop request 1.
+            assert all(any(rid == 1 for _, rid in w._cancelled) for w in workers)
+        nursery.cancel_scope.cancel()
+
+
+async def test_full_queue_raises_scheduling_error_at_once() -> None:
+    net = MemoryNetwork()
+    config = {**FAST, "scheduling": {"max_queue_size": 1}}
+    async with trio.open_nursery() as nursery:
+        await start_workers(nursery, net, "tests.models:slow_mlp", n=2)
+        async with AsyncButterfly.connect(["mem://w0"], transport=net, config=config) as b:
+            async with trio.open_nursery() as requests:
+                requests.start_soon(b.infer, torch.zeros(1, 64))
+                await trio.sleep(0.1)
+                with pytest.raises(SchedulingError, match=r"queue full: 1 requests .*max_queue_size = 1"):
+                    await b.infer(torch.zeros(1, 64))
+        nursery.cancel_scope.cancel()
+
+
+async def test_worker_lost_mid_request_fails_it_and_the_next_request_runs_on_the_survivors() -> None:
+    net = MemoryNetwork()
+    async with trio.open_nursery() as nursery:
+        scopes = []
+        for i in range(3):
+            scope_nursery = await nursery.start(_cancellable_worker, net, i)
+            scopes.append(scope_nursery)
+        await trio.sleep(0.05)
+        async with AsyncButterfly.connect(["mem://w0"], transport=net, config=FAST) as b:
+
+            async def kill_middle_soon() -> None:
+                await trio.sleep(0.3)
+                scopes[1].cancel()
+
+            nursery.start_soon(kill_middle_soon)
+            with pytest.raises(NetworkError, match="was lost during request 1"):
+                await b.infer(torch.zeros(1, 64))
+            x = torch.randn(1, 64)
+            with torch.inference_mode():
+                from tests.models import slow_mlp
+
+                expected = slow_mlp()(x)
+            torch.testing.assert_close(await b.infer(x), expected, rtol=0, atol=0)
+            cluster = b.cluster()
+            assert cluster.epoch == 2
+            assert len(cluster.stages) == 2
+        nursery.cancel_scope.cancel()
+
+
+async def _cancellable_worker(net: MemoryNetwork, i: int, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+    with trio.CancelScope() as scope:
+        worker = WorkerService(
+            ModelSource("tests.models:slow_mlp"),
+            transport=net,
+            listen=f"mem://w{i}",
+            peers=("mem://w0",) if i else (),
+            config=load_config(FAST),
+        )
+        async with trio.open_nursery() as inner:
+            await inner.start(worker.run)
+            task_status.started(scope)
+
+
+async def test_workers_with_different_weights_are_refused_at_connect() -> None:
+    net = MemoryNetwork()
+    async with trio.open_nursery() as nursery:
+        await start_workers(nursery, net, "tests.models:random_mlp", n=2)
+        with pytest.raises(FingerprintMismatch, match="hold different weights.*must be deterministic"):
+            async with AsyncButterfly.connect(["mem://w0"], transport=net, config=FAST):
+                pass
+        nursery.cancel_scope.cancel()
+
+
+async def test_nondeterministic_factory_on_one_worker_fails_the_assignment() -> None:
+    net = MemoryNetwork()
+    async with trio.open_nursery() as nursery:
+        await start_workers(nursery, net, "tests.models:random_mlp", n=1)
+        with pytest.raises(CoordinationError, match="refused placement epoch 1: .*not deterministic"):
+            async with AsyncButterfly.connect(["mem://w0"], transport=net, config=FAST):
+                pass
+        nursery.cancel_scope.cancel()
+
+
+async def test_no_reachable_worker_names_every_address_tried() -> None:
+    config = {**FAST, "network": {"reconnect_attempts": 2, "reconnect_initial_delay": 0.01}}
+    with pytest.raises(NetworkError, match=r"no worker reachable; tried mem://a \(.*\); mem://b"):
+        async with AsyncButterfly.connect(["mem://a", "mem://b"], transport=MemoryNetwork(), config=config):
+            pass
+
+
+async def test_closing_drains_a_request_in_flight() -> None:
+    net = MemoryNetwork()
+    results: list[torch.Tensor] = []
+    async with trio.open_nursery() as nursery:
+        await start_workers(nursery, net, "tests.models:slow_mlp", n=2)
+        async with AsyncButterfly.connect(["mem://w0"], transport=net, config=FAST) as b:
+
+            async def request() -> None:
+                results.append(await b.infer(torch.zeros(1, 64)))
+
+            nursery.start_soon(request)
+            await trio.sleep(0.2)
+        assert len(results) == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_bad_timeout_and_bad_peers_are_api_errors() -> None:
+    with pytest.raises(ApiError, match="peers is empty"):
+        async with AsyncButterfly.connect([], transport=MemoryNetwork()):
+            pass
+    with pytest.raises(ApiError, match="expected ws://HOST:PORT"):
+        async with AsyncButterfly.connect(["http://x"]):
+            pass
+    with pytest.raises(ApiError, match="timeout must be a positive number of seconds or None, got -1"):
+        async with AsyncButterfly.connect(["ws://h:1"], timeout=-1):
+            pass
