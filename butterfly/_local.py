@@ -58,6 +58,7 @@ class WorkerProcess:
         )
         self.address = ""
         self.node_id = ""
+        self._terminating = False
 
     def wait_ready(self, timeout: float) -> str:
         """Read stdout until the ready line; raise ``NetworkError`` with the worker's log otherwise."""
@@ -106,10 +107,16 @@ class WorkerProcess:
             self.proc.kill()
             self.proc.wait()
 
+    def terminate(self) -> None:
+        """Send SIGTERM once: a second one during shutdown would kill the worker uncleanly."""
+        if self.alive() and not self._terminating:
+            self._terminating = True
+            self.proc.send_signal(signal.SIGTERM)
+
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
         if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -181,8 +188,7 @@ class LocalCluster:
 
     def close(self) -> None:
         for proc in self.processes:
-            if proc.alive():
-                proc.proc.send_signal(signal.SIGTERM)
+            proc.terminate()
         for proc in self.processes:
             proc.stop()
 

@@ -1,0 +1,58 @@
+"""The worker and demo command lines, as an operator runs them."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from butterfly._local import WorkerProcess
+
+pytestmark = pytest.mark.slow
+
+
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_documents_every_flag() -> None:
+    result = run("-m", "butterfly.worker", "--help")
+    assert result.returncode == 0
+    for flag in ("--listen", "--model", "--peers", "--weights", "--device", "--threads", "--config", "--advertise"):
+        assert flag in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--model", "butterfly.model.zoo:mlp"], 2, "the following arguments are required: --listen"),
+        (["--listen", "nohost", "--model", "butterfly.model.zoo:mlp"], 2, "invalid address 'nohost'"),
+        (["--listen", "127.0.0.1:0", "--model", "butterfly.model.zoo:mlp", "--threads", "0"], 2, "--threads must be at least 1"),
+        (["--listen", "127.0.0.1:0", "--model", "no_such_pkg.models:build"], 1, "cannot import module 'no_such_pkg.models'"),
+        (["--listen", "127.0.0.1:0", "--model", "butterfly.model.zoo:mlp", "--weights", "/nonexistent.safetensors"], 2, "is not a file"),
+    ],
+)
+def test_bad_invocations_exit_non_zero_with_a_one_line_reason(args: list[str], code: int, message: str) -> None:
+    result = run("-m", "butterfly.worker", *args)
+    assert result.returncode == code
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_worker_prints_one_ready_line_and_exits_zero_on_signal(sig: signal.Signals) -> None:
+    worker = WorkerProcess(["--listen", "127.0.0.1:0", "--model", "butterfly.model.zoo:mlp"])
+    address = worker.wait_ready(60)
+    assert address.startswith("ws://127.0.0.1:")
+    worker.proc.send_signal(sig)
+    assert worker.proc.wait(30) == 0
+
+
+def test_demo_runs_and_matches_the_local_forward() -> None:
+    result = run("-m", "butterfly", "demo", "--requests", "3")
+    assert result.returncode == 0, result.stderr
+    assert "max |distributed - local| = 0" in result.stdout
+    assert "demo OK" in result.stdout
