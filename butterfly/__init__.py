@@ -1,8 +1,8 @@
 """Butterfly: run a PyTorch model split across several hosts.
 
-    >>> from butterfly import Butterfly
-    >>> with Butterfly.connect(["ws://10.0.0.5:7070", "ws://10.0.0.6:7070"]) as b:
-    ...     y = b.infer(x)
+>>> from butterfly import Butterfly
+>>> with Butterfly.connect(["ws://10.0.0.5:7070", "ws://10.0.0.6:7070"]) as b:
+...     y = b.infer(x)
 """
 
 from ._facade import AsyncButterfly as AsyncButterfly

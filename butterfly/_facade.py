@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -21,6 +21,8 @@ from .types import ClusterInfo
 
 __all__ = ["AsyncButterfly", "Butterfly"]
 
+T = TypeVar("T")
+
 ConfigSource = ButterflyConfig | str | os.PathLike[str] | dict[str, Any] | None
 
 
@@ -30,9 +32,13 @@ def _check_peers(peers: Iterable[str] | str, transport: Transport) -> tuple[str,
     try:
         result = tuple(peers)
     except TypeError:
-        raise ApiError(f"peers must be a list of 'ws://HOST:PORT' addresses, got {peers!r}") from None
+        raise ApiError(
+            f"peers must be a list of 'ws://HOST:PORT' addresses, got {peers!r}"
+        ) from None
     if not result:
-        raise ApiError("peers is empty: give at least one worker address, e.g. ['ws://10.0.0.5:7070']")
+        raise ApiError(
+            "peers is empty: give at least one worker address, e.g. ['ws://10.0.0.5:7070']"
+        )
     for peer in result:
         if not isinstance(peer, str):
             raise ApiError(f"peer {peer!r} is not a string; expected 'ws://HOST:PORT'")
@@ -44,7 +50,9 @@ def _check_peers(peers: Iterable[str] | str, transport: Transport) -> tuple[str,
 
 
 def _check_timeout(timeout: float | None, what: str) -> None:
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0):
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
+    ):
         raise ApiError(f"{what} must be a positive number of seconds or None, got {timeout!r}")
 
 
@@ -55,7 +63,9 @@ class Butterfly:
     ...     y = b.infer(x)
     """
 
-    def __init__(self, portal: Portal, system: ButterflySystem, *, on_close: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, portal: Portal, system: ButterflySystem, *, on_close: Callable[[], None] | None = None
+    ) -> None:
         self._portal = portal
         self._system = system
         self._on_close = on_close
@@ -149,8 +159,8 @@ class Butterfly:
         self.close()
 
 
-def _sync_to_async(fn: Callable[[], Any]) -> Callable[[], Any]:
-    async def call() -> Any:
+def _sync_to_async(fn: Callable[[], T]) -> Callable[[], Awaitable[T]]:
+    async def call() -> T:
         return fn()
 
     return call

@@ -35,7 +35,9 @@ def to_wire(x: Any) -> tuple[WireTensor, InputKind]:
             return array_to_wire(x), InputKind(is_torch=False)
         except ProtocolError as exc:
             raise ApiError(f"input array: {exc}") from None
-    raise ApiError(f"input must be a numpy.ndarray or torch.Tensor, got {type(x).__module__}.{type(x).__qualname__}")
+    raise ApiError(
+        f"input must be a numpy.ndarray or torch.Tensor, got {type(x).__module__}.{type(x).__qualname__}"
+    )
 
 
 def from_wire(tensor: WireTensor, kind: InputKind) -> Any:
@@ -64,8 +66,10 @@ def check_input(tensor: WireTensor, spec: InputSpec, *, max_bytes: int) -> None:
     expected = f"shape {_describe_shape(spec)}" + (f" and dtype {spec.dtype}" if spec.dtype else "")
     if not shape:
         raise ApiError(f"input has {received}: a batch-first tensor needs at least one dimension")
-    ok_rank = len(shape) >= max(spec.min_ndim, 1) and (not spec.max_ndim or len(shape) <= spec.max_ndim)
-    ok_tail = not spec.trailing or shape[-len(spec.trailing):] == tuple(spec.trailing)
+    ok_rank = len(shape) >= max(spec.min_ndim, 1) and (
+        not spec.max_ndim or len(shape) <= spec.max_ndim
+    )
+    ok_tail = not spec.trailing or shape[-len(spec.trailing) :] == tuple(spec.trailing)
     ok_dtype = not spec.dtype or tensor.dtype == spec.dtype
     if not (ok_rank and ok_tail and ok_dtype):
         raise ApiError(f"input has {received}; the model expects {expected}")
@@ -76,4 +80,3 @@ def check_input(tensor: WireTensor, spec: InputSpec, *, max_bytes: int) -> None:
             f"input of {nbytes} bytes ({math.prod(shape)} elements) exceeds network.max_message_size "
             f"({max_bytes} bytes); raise it on the coordinator and every worker, or split the batch"
         )
-

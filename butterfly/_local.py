@@ -25,7 +25,9 @@ def model_import_path(model: str | Callable[..., Any]) -> str:
     """``package.module:callable`` for a model given as a path or as a module-level function."""
     if isinstance(model, str):
         if ":" not in model:
-            raise ApiError(f"model {model!r} is not an import path; expected 'package.module:callable'")
+            raise ApiError(
+                f"model {model!r} is not an import path; expected 'package.module:callable'"
+            )
         return model
     if callable(model):
         module = getattr(model, "__module__", None)
@@ -47,7 +49,9 @@ class WorkerProcess:
 
     def __init__(self, args: Sequence[str], *, env: dict[str, str] | None = None) -> None:
         self.args = list(args)
-        self.log = tempfile.NamedTemporaryFile(prefix="butterfly-worker-", suffix=".log", delete=False)
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - open as long as the process runs
+            prefix="butterfly-worker-", suffix=".log", delete=False
+        )
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "butterfly.worker", *self.args],
             stdout=subprocess.PIPE,
@@ -171,7 +175,9 @@ class LocalCluster:
             self.close()
             raise
 
-    def spawn(self, *, peers: Sequence[str] = (), wait: bool = True, listen: str | None = None) -> WorkerProcess:
+    def spawn(
+        self, *, peers: Sequence[str] = (), wait: bool = True, listen: str | None = None
+    ) -> WorkerProcess:
         """Start one more worker (e.g. to replace a killed one)."""
         args = ["--listen", listen or f"{self.host}:0", *self.options]
         if peers:

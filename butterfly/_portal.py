@@ -69,9 +69,13 @@ class Portal:
             self._closed = True
             leftovers = [f for f in self._outstanding if not f.done()]
         if not self._started.done():
-            self._started.set_exception(error or ButterflyError("the service stopped before it was ready"))
+            self._started.set_exception(
+                error or ButterflyError("the service stopped before it was ready")
+            )
         for future in leftovers:
-            future.set_exception(ButterflyError(f"Butterfly's background thread stopped: {error!r}"))
+            future.set_exception(
+                ButterflyError(f"Butterfly's background thread stopped: {error!r}")
+            )
 
     async def _main(self) -> None:
         assert self._service is not None

@@ -14,6 +14,7 @@ naming the key, e.g. ``network.max_message_size: expected int, got 'x'``.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -39,7 +40,8 @@ __all__ = [
 
 _MiB = 1 << 20
 _positive = v.gt(0)
-_non_negative = v.ge(0)
+_positive_seconds = v.gt(0.0)
+_non_negative_seconds = v.ge(0.0)
 
 
 @attrs.frozen
@@ -47,11 +49,11 @@ class ApiConfig:
     """The facade's behaviour towards the caller."""
 
     #: Seconds a single ``infer`` may take before it fails with ``RequestTimeout``.
-    request_timeout: float = attrs.field(default=60.0, validator=_positive)
+    request_timeout: float = attrs.field(default=60.0, validator=_positive_seconds)
     #: Seconds ``connect`` may take to discover the cluster and assign stages.
-    connect_timeout: float = attrs.field(default=60.0, validator=_positive)
+    connect_timeout: float = attrs.field(default=60.0, validator=_positive_seconds)
     #: Seconds ``close`` waits for in-flight requests before cancelling them.
-    drain_timeout: float = attrs.field(default=10.0, validator=_non_negative)
+    drain_timeout: float = attrs.field(default=10.0, validator=_non_negative_seconds)
 
 
 @attrs.frozen
@@ -79,9 +81,9 @@ class CoordinationConfig:
     """Liveness of the links between the coordinator and its workers."""
 
     #: Seconds between heartbeats on every coordinator→worker link.
-    heartbeat_interval: float = attrs.field(default=1.0, validator=_positive)
+    heartbeat_interval: float = attrs.field(default=1.0, validator=_positive_seconds)
     #: Seconds of silence after which a worker is declared failed and its requests fail.
-    failure_timeout: float = attrs.field(default=10.0, validator=_positive)
+    failure_timeout: float = attrs.field(default=10.0, validator=_positive_seconds)
 
 
 @attrs.frozen
@@ -95,13 +97,13 @@ class NetworkConfig:
     #: Messages queued per peer before senders wait (backpressure, bounded memory).
     send_queue_size: int = attrs.field(default=16, validator=_positive)
     #: Seconds to open one connection (TCP + websocket handshake + Hello).
-    connect_timeout: float = attrs.field(default=10.0, validator=_positive)
+    connect_timeout: float = attrs.field(default=10.0, validator=_positive_seconds)
     #: Attempts to reach a peer before giving up, with exponential backoff between them.
     reconnect_attempts: int = attrs.field(default=5, validator=_positive)
     #: First backoff delay in seconds; doubled after each failed attempt.
-    reconnect_initial_delay: float = attrs.field(default=0.1, validator=_positive)
+    reconnect_initial_delay: float = attrs.field(default=0.1, validator=_positive_seconds)
     #: Largest backoff delay in seconds.
-    reconnect_max_delay: float = attrs.field(default=5.0, validator=_positive)
+    reconnect_max_delay: float = attrs.field(default=5.0, validator=_positive_seconds)
 
 
 @attrs.frozen
@@ -154,7 +156,11 @@ def _describe(exc: BaseException, path: str) -> list[str]:
         lines: list[str] = []
         for sub in exc.exceptions:
             note = next(
-                (n for n in getattr(sub, "__notes__", []) if isinstance(n, cattrs.AttributeValidationNote)),
+                (
+                    n
+                    for n in getattr(sub, "__notes__", [])
+                    if isinstance(n, cattrs.AttributeValidationNote)
+                ),
                 None,
             )
             key = f"{path}.{note.name}" if note is not None else path
@@ -178,7 +184,9 @@ def config_from_mapping(data: Mapping[str, Any]) -> ButterflyConfig:
         raise ConfigError("invalid configuration: " + "; ".join(_describe(exc, ""))) from exc
 
 
-def load_config(source: ButterflyConfig | str | Path | Mapping[str, Any] | None) -> ButterflyConfig:
+def load_config(
+    source: ButterflyConfig | str | os.PathLike[str] | Mapping[str, Any] | None,
+) -> ButterflyConfig:
     """Return a :class:`ButterflyConfig` from a config, a TOML file path, a mapping or ``None``."""
     if source is None:
         return ButterflyConfig()
@@ -186,7 +194,7 @@ def load_config(source: ButterflyConfig | str | Path | Mapping[str, Any] | None)
         return source
     if isinstance(source, Mapping):
         return config_from_mapping(source)
-    if isinstance(source, str | Path):
+    if isinstance(source, str | os.PathLike):
         path = Path(source)
         try:
             text = path.read_text(encoding="utf-8")

@@ -78,8 +78,12 @@ class ButterflySystem:
         if timeout is not None and not timeout > 0:
             raise ApiError(f"timeout must be a positive number of seconds, got {timeout!r}")
         tensor, kind = to_wire(x)
-        check_input(tensor, self.coordination.input_spec, max_bytes=self.config.network.max_message_size)
-        result = await self.scheduling.infer(tensor, timeout=timeout or self.config.api.request_timeout)
+        check_input(
+            tensor, self.coordination.input_spec, max_bytes=self.config.network.max_message_size
+        )
+        result = await self.scheduling.infer(
+            tensor, timeout=timeout or self.config.api.request_timeout
+        )
         return from_wire(result, kind)
 
     def cluster(self) -> ClusterInfo:

@@ -50,10 +50,12 @@ class ClusterInfo:
     workers: tuple[WorkerInfo, ...]
     stages: tuple[StageInfo, ...]
     #: What the first stage accepts (checked before a request is sent).
-    input_spec: InputSpec = InputSpec()
+    input_spec: InputSpec = attrs.field(factory=InputSpec)
 
     def __str__(self) -> str:
-        lines = [f"model {self.model} ({self.num_layers} layers, fingerprint {self.fingerprint[:12]})"]
+        lines = [
+            f"model {self.model} ({self.num_layers} layers, fingerprint {self.fingerprint[:12]})"
+        ]
         lines += [f"  worker {w.node_id} {w.address} {w.state}" for w in self.workers]
         lines += [
             f"  stage {s.index}: layers {s.layers.start}..{s.layers.stop - 1} on {s.node_id}"

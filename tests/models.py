@@ -13,7 +13,7 @@ from torch import nn
 
 from butterfly.model.zoo import mlp, small_transformer
 
-__all__ = ["mlp", "random_mlp", "raising", "slow_mlp", "small_transformer"]
+__all__ = ["mlp", "raising", "random_mlp", "slow_mlp", "small_transformer"]
 
 
 class Sleep(nn.Module):

@@ -8,10 +8,27 @@ from butterfly import errors
 
 def test_top_level_exports() -> None:
     expected = {
-        "AsyncButterfly", "Butterfly", "ButterflyConfig", "ClusterInfo", "LocalCluster", "StageInfo",
-        "WorkerInfo", "WorkerState", "load_config", "ApiError", "ButterflyError", "ComputeError",
-        "ConfigError", "CoordinationError", "FingerprintMismatch", "ModelError", "NetworkError",
-        "PartitionError", "ProtocolError", "RequestTimeout", "SchedulingError",
+        "AsyncButterfly",
+        "Butterfly",
+        "ButterflyConfig",
+        "ClusterInfo",
+        "LocalCluster",
+        "StageInfo",
+        "WorkerInfo",
+        "WorkerState",
+        "load_config",
+        "ApiError",
+        "ButterflyError",
+        "ComputeError",
+        "ConfigError",
+        "CoordinationError",
+        "FingerprintMismatch",
+        "ModelError",
+        "NetworkError",
+        "PartitionError",
+        "ProtocolError",
+        "RequestTimeout",
+        "SchedulingError",
     }
     assert expected <= set(dir(butterfly))
 
@@ -22,8 +39,15 @@ def test_every_error_is_a_butterfly_error() -> None:
 
 
 def test_component_errors_match_the_seven_components() -> None:
-    for cls in (errors.ApiError, errors.SchedulingError, errors.PartitionError, errors.CoordinationError,
-                errors.NetworkError, errors.ProtocolError, errors.ConfigError):
+    for cls in (
+        errors.ApiError,
+        errors.SchedulingError,
+        errors.PartitionError,
+        errors.CoordinationError,
+        errors.NetworkError,
+        errors.ProtocolError,
+        errors.ConfigError,
+    ):
         assert cls.__bases__ == (errors.ButterflyError,)
 
 

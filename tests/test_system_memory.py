@@ -32,14 +32,22 @@ FAST = {"coordination": {"heartbeat_interval": 0.2, "failure_timeout": 2.0}}
 
 
 async def start_workers(
-    nursery: trio.Nursery, net: MemoryNetwork, model: str, n: int = 3, config: ButterflyConfig | None = None
+    nursery: trio.Nursery,
+    net: MemoryNetwork,
+    model: str,
+    n: int = 3,
+    config: ButterflyConfig | None = None,
 ) -> list[WorkerService]:
     """Worker 0 alone, the others with ``--peers`` worker 0 (as LocalCluster does)."""
     workers: list[WorkerService] = []
     for i in range(n):
         peers = ("mem://w0",) if i else ()
         worker = WorkerService(
-            ModelSource(model), transport=net, listen=f"mem://w{i}", peers=peers, config=config or load_config(FAST)
+            ModelSource(model),
+            transport=net,
+            listen=f"mem://w{i}",
+            peers=peers,
+            config=config or load_config(FAST),
         )
         await nursery.start(worker.run)
         workers.append(worker)
@@ -68,7 +76,11 @@ async def test_coordinator_discovers_every_worker_from_one_address() -> None:
         workers = await start_workers(nursery, net, "butterfly.model.zoo:mlp")
         async with AsyncButterfly.connect(["mem://w2"], transport=net, config=FAST) as b:
             cluster = b.cluster()
-            assert sorted(w.address for w in cluster.workers) == ["mem://w0", "mem://w1", "mem://w2"]
+            assert sorted(w.address for w in cluster.workers) == [
+                "mem://w0",
+                "mem://w1",
+                "mem://w2",
+            ]
             assert all(w.state is WorkerState.READY for w in cluster.workers)
             assert [s.layers for s in cluster.stages] == [range(0, 2), range(2, 4), range(4, 6)]
             assert {s.node_id for s in cluster.stages} == {w.node_id for w in workers}
@@ -114,9 +126,14 @@ async def test_wrong_shape_is_an_api_error_and_the_next_request_works() -> None:
     async with trio.open_nursery() as nursery:
         await start_workers(nursery, net, "butterfly.model.zoo:mlp", n=2)
         async with AsyncButterfly.connect(["mem://w0"], transport=net, config=FAST) as b:
-            with pytest.raises(ApiError, match=r"input has shape \(2, 10\) and dtype float32; the model expects shape \(\*, \.\.\., 64\) and dtype float32"):
+            with pytest.raises(
+                ApiError,
+                match=r"input has shape \(2, 10\) and dtype float32; the model expects shape \(\*, \.\.\., 64\) and dtype float32",
+            ):
                 await b.infer(torch.zeros(2, 10))
-            with pytest.raises(ApiError, match="dtype float64; the model expects .* dtype float32"):
+            with pytest.raises(
+                ApiError, match=r"dtype float64; the model expects .* dtype float32"
+            ):
                 await b.infer(np.zeros((2, 64)))
             x = torch.randn(1, 64)
             torch.testing.assert_close(await b.infer(x), local_forward(x), rtol=0, atol=0)
@@ -128,7 +145,10 @@ async def test_model_error_on_one_input_is_a_compute_error_and_the_cluster_keeps
     async with trio.open_nursery() as nursery:
         await start_workers(nursery, net, "tests.models:raising")
         async with AsyncButterfly.connect(["mem://w0"], transport=net, config=FAST) as b:
-            with pytest.raises(ComputeError, match=r"stage 1 \(layers 2\.\.3\) on worker .* raised ValueError: NaN in activation"):
+            with pytest.raises(
+                ComputeError,
+                match=r"stage 1 \(layers 2\.\.3\) on worker .* raised ValueError: NaN in activation",
+            ):
                 await b.infer(torch.full((1, 64), float("nan")))
             y = await b.infer(torch.ones(1, 64))
             assert y.shape == (1, 64)
@@ -153,16 +173,22 @@ async def test_full_queue_raises_scheduling_error_at_once() -> None:
     config = {**FAST, "scheduling": {"max_queue_size": 1}}
     async with trio.open_nursery() as nursery:
         await start_workers(nursery, net, "tests.models:slow_mlp", n=2)
-        async with AsyncButterfly.connect(["mem://w0"], transport=net, config=config) as b:
-            async with trio.open_nursery() as requests:
-                requests.start_soon(b.infer, torch.zeros(1, 64))
-                await trio.sleep(0.1)
-                with pytest.raises(SchedulingError, match=r"queue full: 1 requests .*max_queue_size = 1"):
-                    await b.infer(torch.zeros(1, 64))
+        async with (
+            AsyncButterfly.connect(["mem://w0"], transport=net, config=config) as b,
+            trio.open_nursery() as requests,
+        ):
+            requests.start_soon(b.infer, torch.zeros(1, 64))
+            await trio.sleep(0.1)
+            with pytest.raises(
+                SchedulingError, match=r"queue full: 1 requests .*max_queue_size = 1"
+            ):
+                await b.infer(torch.zeros(1, 64))
         nursery.cancel_scope.cancel()
 
 
-async def test_worker_lost_mid_request_fails_it_and_the_next_request_runs_on_the_survivors() -> None:
+async def test_worker_lost_mid_request_fails_it_and_the_next_request_runs_on_the_survivors() -> (
+    None
+):
     net = MemoryNetwork()
     async with trio.open_nursery() as nursery:
         scopes = []
@@ -191,7 +217,9 @@ async def test_worker_lost_mid_request_fails_it_and_the_next_request_runs_on_the
         nursery.cancel_scope.cancel()
 
 
-async def _cancellable_worker(net: MemoryNetwork, i: int, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+async def _cancellable_worker(
+    net: MemoryNetwork, i: int, task_status: trio.TaskStatus[trio.CancelScope]
+) -> None:
     with trio.CancelScope() as scope:
         worker = WorkerService(
             ModelSource("tests.models:slow_mlp"),
@@ -209,7 +237,9 @@ async def test_workers_with_different_weights_are_refused_at_connect() -> None:
     net = MemoryNetwork()
     async with trio.open_nursery() as nursery:
         await start_workers(nursery, net, "tests.models:random_mlp", n=2)
-        with pytest.raises(FingerprintMismatch, match="hold different weights.*must be deterministic"):
+        with pytest.raises(
+            FingerprintMismatch, match=r"hold different weights.*must be deterministic"
+        ):
             async with AsyncButterfly.connect(["mem://w0"], transport=net, config=FAST):
                 pass
         nursery.cancel_scope.cancel()
@@ -219,7 +249,9 @@ async def test_nondeterministic_factory_on_one_worker_fails_the_assignment() -> 
     net = MemoryNetwork()
     async with trio.open_nursery() as nursery:
         await start_workers(nursery, net, "tests.models:random_mlp", n=1)
-        with pytest.raises(CoordinationError, match="refused placement epoch 1: .*not deterministic"):
+        with pytest.raises(
+            CoordinationError, match=r"refused placement epoch 1: .*not deterministic"
+        ):
             async with AsyncButterfly.connect(["mem://w0"], transport=net, config=FAST):
                 pass
         nursery.cancel_scope.cancel()
@@ -228,7 +260,9 @@ async def test_nondeterministic_factory_on_one_worker_fails_the_assignment() -> 
 async def test_no_reachable_worker_names_every_address_tried() -> None:
     config = {**FAST, "network": {"reconnect_attempts": 2, "reconnect_initial_delay": 0.01}}
     with pytest.raises(NetworkError, match=r"no worker reachable; tried mem://a \(.*\); mem://b"):
-        async with AsyncButterfly.connect(["mem://a", "mem://b"], transport=MemoryNetwork(), config=config):
+        async with AsyncButterfly.connect(
+            ["mem://a", "mem://b"], transport=MemoryNetwork(), config=config
+        ):
             pass
 
 
@@ -255,6 +289,8 @@ async def test_bad_timeout_and_bad_peers_are_api_errors() -> None:
     with pytest.raises(ApiError, match="expected ws://HOST:PORT"):
         async with AsyncButterfly.connect(["http://x"]):
             pass
-    with pytest.raises(ApiError, match="timeout must be a positive number of seconds or None, got -1"):
+    with pytest.raises(
+        ApiError, match="timeout must be a positive number of seconds or None, got -1"
+    ):
         async with AsyncButterfly.connect(["ws://h:1"], timeout=-1):
             pass

@@ -152,7 +152,9 @@ class CoordinationService:
     def _adopt_model(self) -> None:
         ready = [w for w in self._workers.values() if w.state is WorkerState.READY]
         if not ready:
-            tried = "; ".join(f"{w.address} ({w.reason or 'unreachable'})" for w in self._workers.values())
+            tried = "; ".join(
+                f"{w.address} ({w.reason or 'unreachable'})" for w in self._workers.values()
+            )
             raise NetworkError(f"no worker reachable; tried {tried}")
         groups: dict[tuple[str, str], list[_Worker]] = {}
         for w in ready:
@@ -223,11 +225,16 @@ class CoordinationService:
                 initial_delay=net.reconnect_initial_delay,
                 max_delay=net.reconnect_max_delay,
             ) as conn,
-            open_peer(conn, max_message_size=net.max_message_size, send_queue_size=net.send_queue_size) as peer,
+            open_peer(
+                conn, max_message_size=net.max_message_size, send_queue_size=net.send_queue_size
+            ) as peer,
         ):
             check = Handshake(self._hello(), expect_roles=frozenset({"worker"}))
             hello = await peer.handshake(self._hello(), check, timeout=net.connect_timeout)
-            if self._fingerprint and (hello.fingerprint, hello.model_name) != (self._fingerprint, self._model):
+            if self._fingerprint and (hello.fingerprint, hello.model_name) != (
+                self._fingerprint,
+                self._model,
+            ):
                 self._set_state(worker, WorkerState.REFUSED, "serves different weights")
                 raise FingerprintMismatch(
                     f"worker {hello.node_id} at {worker.address} serves {hello.model_name!r} with "
@@ -295,7 +302,9 @@ class CoordinationService:
         return placement.nodes <= ready
 
     def _ready_workers(self) -> list[_Worker]:
-        return [w for w in self._workers.values() if w.state is WorkerState.READY and w.peer is not None]
+        return [
+            w for w in self._workers.values() if w.state is WorkerState.READY and w.peer is not None
+        ]
 
     async def _assign_new_placement(self) -> Placement:
         ready = self._ready_workers()
@@ -357,7 +366,12 @@ class CoordinationService:
                 for w in self._workers.values()
             ),
             stages=tuple(
-                StageInfo(index=s.index, layers=range(s.start, s.stop), node_id=s.node_id, address=s.address)
+                StageInfo(
+                    index=s.index,
+                    layers=range(s.start, s.stop),
+                    node_id=s.node_id,
+                    address=s.address,
+                )
                 for s in (placement.stages if placement else ())
             ),
             input_spec=self.input_spec,

@@ -42,7 +42,9 @@ class MetricsService:
         self.failed: collections.Counter[str] = collections.Counter()
         self.worker_states: dict[str, str] = {}
         self.placements = 0
-        self.latencies: collections.deque[float] = collections.deque(maxlen=self.config.latency_window)
+        self.latencies: collections.deque[float] = collections.deque(
+            maxlen=self.config.latency_window
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -62,7 +64,13 @@ class MetricsService:
                 self.placements += 1
 
     def snapshot(self) -> dict[str, object]:
-        """Counters and latency percentiles (seconds) of everything recorded so far."""
+        """Counters and latency percentiles (seconds) of everything emitted so far."""
+        # Fold in events still in the channel, so a snapshot taken right after a request counts it.
+        while True:
+            try:
+                self.record(self._receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
         lat = sorted(self.latencies)
 
         def pct(q: float) -> float | None:

@@ -31,7 +31,9 @@ def infer_input_spec(model: nn.Sequential) -> InputSpec:
         case nn.TransformerEncoderLayer() | nn.TransformerDecoderLayer():
             d_model = first.self_attn.embed_dim
             ndim = 3 if first.self_attn.batch_first else 0
-            return InputSpec(dtype=dtype, min_ndim=3, max_ndim=ndim, trailing=(d_model,) if ndim else ())
+            return InputSpec(
+                dtype=dtype, min_ndim=3, max_ndim=ndim, trailing=(d_model,) if ndim else ()
+            )
         case nn.LayerNorm():
             shape = tuple(first.normalized_shape)
             return InputSpec(dtype=dtype, min_ndim=len(shape) + 1, trailing=shape)

@@ -28,7 +28,9 @@ def import_factory(path: str) -> Callable[[], nn.Module]:
     """Resolve ``package.module:callable``; raises ``ModelError`` with the reason."""
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
-        raise ModelError(f"model {path!r} is not an import path; expected 'package.module:callable'")
+        raise ModelError(
+            f"model {path!r} is not an import path; expected 'package.module:callable'"
+        )
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
@@ -38,10 +40,12 @@ def import_factory(path: str) -> Callable[[], nn.Module]:
         try:
             target = getattr(target, part)
         except AttributeError:
-            raise ModelError(f"module {module_name!r} has no attribute {attr!r} (model {path!r})") from None
+            raise ModelError(
+                f"module {module_name!r} has no attribute {attr!r} (model {path!r})"
+            ) from None
     if not callable(target):
         raise ModelError(f"model {path!r} names a {type(target).__name__}, not a callable")
-    return target  # type: ignore[return-value]
+    return target
 
 
 @attrs.frozen
@@ -71,7 +75,9 @@ class ModelSource:
         try:
             model = self._factory()
         except Exception as exc:
-            raise ModelError(f"model factory {self.name!r} raised {type(exc).__name__}: {exc}") from exc
+            raise ModelError(
+                f"model factory {self.name!r} raised {type(exc).__name__}: {exc}"
+            ) from exc
         if not isinstance(model, nn.Sequential):
             raise ModelError(
                 f"model factory {self.name!r} returned a {type(model).__name__}; "

@@ -45,5 +45,7 @@ class StageRuntime:
             x = torch_from_wire(tensor, device=self.device, max_bytes=self.max_bytes)
             y = self.layers(x)
             if not isinstance(y, torch.Tensor):
-                raise TypeError(f"layers {self.start}..{self.stop - 1} returned {type(y).__name__}, not a tensor")
+                raise TypeError(
+                    f"layers {self.start}..{self.stop - 1} returned {type(y).__name__}, not a tensor"
+                )
             return torch_to_wire(y)

@@ -30,7 +30,9 @@ def torch_dtype_name(dtype: torch.dtype) -> str:
     try:
         return _NAME_OF[dtype]
     except KeyError:
-        raise ApiError(f"tensor dtype {dtype} is not supported; supported: {', '.join(DTYPES)}") from None
+        raise ApiError(
+            f"tensor dtype {dtype} is not supported; supported: {', '.join(DTYPES)}"
+        ) from None
 
 
 def torch_to_wire(tensor: torch.Tensor) -> WireTensor:

@@ -28,9 +28,7 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def transformer(
-    layers: int, d_model: int, heads: int, ffn: int, *, seed: int = 0
-) -> nn.Sequential:
+def transformer(layers: int, d_model: int, heads: int, ffn: int, *, seed: int = 0) -> nn.Sequential:
     """``layers`` × ``nn.TransformerEncoderLayer`` (batch-first, no dropout), in eval mode."""
     with seeded(seed):
         model = nn.Sequential(

@@ -8,7 +8,7 @@ limit before any array is built on it.
 from __future__ import annotations
 
 import math
-from typing import Final
+from typing import Final, cast
 
 import msgspec
 import numpy as np
@@ -64,7 +64,7 @@ def decode(frame: bytes | bytearray | memoryview, *, max_size: int | None = None
     if max_size is not None and len(frame) > max_size:
         raise ProtocolError(f"frame of {len(frame)} bytes exceeds the limit of {max_size} bytes")
     try:
-        return _decoder.decode(frame)
+        return cast(Message, _decoder.decode(frame))
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"malformed frame ({len(frame)} bytes): {exc}") from exc
 
@@ -80,12 +80,14 @@ def array_to_wire(array: np.ndarray, *, dtype: str | None = None) -> WireTensor:
     if dtype is None:
         dtype = _NAME_OF.get(array.dtype)
         if dtype is None:
-            raise ProtocolError(f"dtype {array.dtype} cannot be sent; supported: {', '.join(DTYPES)}")
+            raise ProtocolError(
+                f"dtype {array.dtype} cannot be sent; supported: {', '.join(DTYPES)}"
+            )
     elif dtype not in DTYPES:
         raise ProtocolError(f"dtype {dtype!r} cannot be sent; supported: {', '.join(DTYPES)}")
     elif DTYPES[dtype].itemsize != array.dtype.itemsize:
         raise ProtocolError(f"dtype {dtype!r} does not match array storage {array.dtype}")
-    data = memoryview(array).cast("B") if array.size else memoryview(b"")
+    data = array.data.cast("B") if array.size else memoryview(b"")
     return WireTensor(dtype=dtype, shape=tuple(int(d) for d in array.shape), data=data)
 
 
@@ -98,7 +100,9 @@ def array_from_wire(tensor: WireTensor, *, max_bytes: int | None = None) -> np.n
     """
     storage = DTYPES.get(tensor.dtype)
     if storage is None:
-        raise ProtocolError(f"unknown tensor dtype {tensor.dtype!r}; expected one of {', '.join(DTYPES)}")
+        raise ProtocolError(
+            f"unknown tensor dtype {tensor.dtype!r}; expected one of {', '.join(DTYPES)}"
+        )
     shape = tensor.shape
     if len(shape) > MAX_NDIM:
         raise ProtocolError(f"tensor has {len(shape)} dimensions; at most {MAX_NDIM} are accepted")

@@ -33,7 +33,7 @@ class _Struct(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_field
     pass
 
 
-class WireTensor(_Struct):
+class WireTensor(_Struct, frozen=True):
     """A dense, C-contiguous tensor: ``dtype`` name, ``shape`` and the raw bytes.
 
     ``data`` decodes as a ``memoryview`` into the received frame (zero-copy).
@@ -44,7 +44,7 @@ class WireTensor(_Struct):
     data: memoryview
 
 
-class InputSpec(_Struct):
+class InputSpec(_Struct, frozen=True):
     """What the first stage accepts: used to reject bad input before it is sent.
 
     ``trailing`` lists the required sizes of the last dimensions; ``dtype`` is ``""``
@@ -57,7 +57,7 @@ class InputSpec(_Struct):
     trailing: tuple[int, ...] = ()
 
 
-class StageSpec(_Struct):
+class StageSpec(_Struct, frozen=True):
     """One stage of a placement: layers ``[start, stop)`` on worker ``node_id``."""
 
     index: int
@@ -67,7 +67,7 @@ class StageSpec(_Struct):
     address: str
 
 
-class Hello(_Struct, tag="hello"):
+class Hello(_Struct, tag="hello", frozen=True):
     """First message on every connection, in both directions.
 
     ``role`` is ``"coordinator"`` (control, inputs and results), ``"link"`` (a worker
@@ -88,31 +88,31 @@ class Hello(_Struct, tag="hello"):
     input_spec: InputSpec | None = None
 
 
-class Heartbeat(_Struct, tag="heartbeat"):
+class Heartbeat(_Struct, tag="heartbeat", frozen=True):
     seq: int
 
 
-class Ack(_Struct, tag="ack"):
+class Ack(_Struct, tag="ack", frozen=True):
     """Answers a Heartbeat with the same ``seq``."""
 
     seq: int
 
 
-class Assign(_Struct, tag="assign"):
+class Assign(_Struct, tag="assign", frozen=True):
     """The coordinator's placement for ``epoch``: every stage, so each worker knows its neighbours."""
 
     epoch: int
     stages: tuple[StageSpec, ...]
 
 
-class Assigned(_Struct, tag="assigned"):
+class Assigned(_Struct, tag="assigned", frozen=True):
     """A worker has loaded its layers and linked to its upstream worker for ``epoch``."""
 
     epoch: int
     node_id: str
 
 
-class Activation(_Struct, tag="activation"):
+class Activation(_Struct, tag="activation", frozen=True):
     """Input of ``stage`` for request ``request_id``; the last stage answers ``origin``."""
 
     request_id: int
@@ -122,7 +122,7 @@ class Activation(_Struct, tag="activation"):
     tensor: WireTensor
 
 
-class Result(_Struct, tag="result"):
+class Result(_Struct, tag="result", frozen=True):
     """Output of the last stage for ``request_id``."""
 
     request_id: int
@@ -130,7 +130,7 @@ class Result(_Struct, tag="result"):
     tensor: WireTensor
 
 
-class Error(_Struct, tag="error"):
+class Error(_Struct, tag="error", frozen=True):
     """A failure; ``request_id`` is -1 when it concerns the connection, not a request.
 
     ``kind`` is one of the names in :data:`butterfly.errors.ERROR_KINDS`.
@@ -142,7 +142,7 @@ class Error(_Struct, tag="error"):
     origin: str = ""
 
 
-class Cancel(_Struct, tag="cancel"):
+class Cancel(_Struct, tag="cancel", frozen=True):
     """Drop any remaining work of ``request_id`` issued by coordinator ``origin``."""
 
     request_id: int

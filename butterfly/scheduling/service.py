@@ -17,7 +17,14 @@ import trio
 
 from ..config import SchedulingConfig
 from ..coordination import CoordinationService, Placement, Response, WorkerLost, error_from_wire
-from ..errors import ApiError, ButterflyError, NetworkError, RequestTimeout, SchedulingError, error_kind
+from ..errors import (
+    ApiError,
+    ButterflyError,
+    NetworkError,
+    RequestTimeout,
+    SchedulingError,
+    error_kind,
+)
 from ..metrics import MetricsSink, RequestCompleted, RequestFailed
 from ..protocol import Activation, Cancel, Error, Result, WireTensor
 
@@ -34,7 +41,9 @@ class _Pending:
     result: WireTensor | None = None
     error: ButterflyError | None = None
 
-    def resolve(self, result: WireTensor | None = None, error: ButterflyError | None = None) -> None:
+    def resolve(
+        self, result: WireTensor | None = None, error: ButterflyError | None = None
+    ) -> None:
         if not self.done.is_set():
             self.result, self.error = result, error
             self.done.set()
@@ -153,7 +162,9 @@ class SchedulingService:
     async def _cancel_on_workers(self, request_id: int, placement: Placement) -> None:
         for node in placement.nodes:
             try:
-                await self.coordination.send(node, Cancel(request_id=request_id, origin=self.coordination.node_id))
+                await self.coordination.send(
+                    node, Cancel(request_id=request_id, origin=self.coordination.node_id)
+                )
             except ButterflyError:
                 pass
 

@@ -68,7 +68,9 @@ class WebsocketConnection:
         except trio_websocket.ConnectionClosed as exc:
             raise NetworkError(f"connection to {self._remote} closed: {exc.reason}") from exc
         if isinstance(message, str):
-            raise ProtocolError(f"{self._remote} sent a text frame; only binary frames are accepted")
+            raise ProtocolError(
+                f"{self._remote} sent a text frame; only binary frames are accepted"
+            )
         return message
 
     async def aclose(self) -> None:
@@ -121,7 +123,10 @@ class WebsocketTransport:
         async def on_request(request: trio_websocket.WebSocketRequest) -> None:
             ws = await request.accept()
             remote = request.remote
-            peer = f"{remote.address}:{remote.port}" if hasattr(remote, "port") else str(remote)
+            if isinstance(remote, trio_websocket.Endpoint):
+                peer = f"{remote.address}:{remote.port}"
+            else:
+                peer = str(remote)
             try:
                 await handler(WebsocketConnection(ws, f"ws://{peer}"))
             except Exception as exc:

@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="safetensors file with the model's state_dict (keys like '0.weight')",
     )
-    p.add_argument("--device", default="cpu", help="torch device for the stages: cpu, cuda or cuda:N")
+    p.add_argument(
+        "--device", default="cpu", help="torch device for the stages: cpu, cuda or cuda:N"
+    )
     p.add_argument(
         "--threads",
         type=int,

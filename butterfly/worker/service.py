@@ -121,7 +121,9 @@ class WorkerService:
 
     def _open_peer(self, conn: Connection) -> AbstractAsyncContextManager[Peer]:
         net = self.config.network
-        return open_peer(conn, max_message_size=net.max_message_size, send_queue_size=net.send_queue_size)
+        return open_peer(
+            conn, max_message_size=net.max_message_size, send_queue_size=net.send_queue_size
+        )
 
     # -- accepted connections ------------------------------------------------------------
 
@@ -399,7 +401,13 @@ class WorkerService:
             if nxt.node_id != self.node_id:
                 link = await self._downstream_link(nxt)
                 await link.send(
-                    Activation(request_id=rid, epoch=activation.epoch, stage=stage, origin=origin, tensor=tensor)
+                    Activation(
+                        request_id=rid,
+                        epoch=activation.epoch,
+                        stage=stage,
+                        origin=origin,
+                        tensor=tensor,
+                    )
                 )
                 return
 
@@ -465,4 +473,3 @@ async def _send_quietly(peer: Peer, message: Error) -> None:
         await peer.send(message)
     except ButterflyError:
         pass
-

@@ -20,21 +20,59 @@ def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 def test_help_documents_every_flag() -> None:
     result = run("-m", "butterfly.worker", "--help")
     assert result.returncode == 0
-    for flag in ("--listen", "--model", "--peers", "--weights", "--device", "--threads", "--config", "--advertise"):
+    for flag in (
+        "--listen",
+        "--model",
+        "--peers",
+        "--weights",
+        "--device",
+        "--threads",
+        "--config",
+        "--advertise",
+    ):
         assert flag in result.stdout
 
 
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (["--model", "butterfly.model.zoo:mlp"], 2, "the following arguments are required: --listen"),
-        (["--listen", "nohost", "--model", "butterfly.model.zoo:mlp"], 2, "invalid address 'nohost'"),
-        (["--listen", "127.0.0.1:0", "--model", "butterfly.model.zoo:mlp", "--threads", "0"], 2, "--threads must be at least 1"),
-        (["--listen", "127.0.0.1:0", "--model", "no_such_pkg.models:build"], 1, "cannot import module 'no_such_pkg.models'"),
-        (["--listen", "127.0.0.1:0", "--model", "butterfly.model.zoo:mlp", "--weights", "/nonexistent.safetensors"], 2, "is not a file"),
+        (
+            ["--model", "butterfly.model.zoo:mlp"],
+            2,
+            "the following arguments are required: --listen",
+        ),
+        (
+            ["--listen", "nohost", "--model", "butterfly.model.zoo:mlp"],
+            2,
+            "invalid address 'nohost'",
+        ),
+        (
+            ["--listen", "127.0.0.1:0", "--model", "butterfly.model.zoo:mlp", "--threads", "0"],
+            2,
+            "--threads must be at least 1",
+        ),
+        (
+            ["--listen", "127.0.0.1:0", "--model", "no_such_pkg.models:build"],
+            1,
+            "cannot import module 'no_such_pkg.models'",
+        ),
+        (
+            [
+                "--listen",
+                "127.0.0.1:0",
+                "--model",
+                "butterfly.model.zoo:mlp",
+                "--weights",
+                "/nonexistent.safetensors",
+            ],
+            2,
+            "is not a file",
+        ),
     ],
 )
-def test_bad_invocations_exit_non_zero_with_a_one_line_reason(args: list[str], code: int, message: str) -> None:
+def test_bad_invocations_exit_non_zero_with_a_one_line_reason(
+    args: list[str], code: int, message: str
+) -> None:
     result = run("-m", "butterfly.worker", *args)
     assert result.returncode == code
     lines = result.stderr.strip().splitlines()

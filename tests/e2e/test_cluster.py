@@ -51,7 +51,9 @@ def client(transformer_cluster: LocalCluster) -> Butterfly:
 
 
 @pytest.mark.parametrize("batch", [1, 8])
-def test_torch_input_gives_bitwise_the_local_forward(client: Butterfly, reference: torch.nn.Module, batch: int) -> None:
+def test_torch_input_gives_bitwise_the_local_forward(
+    client: Butterfly, reference: torch.nn.Module, batch: int
+) -> None:
     x = torch.randn(batch, 16, 256)
     y = client.infer(x)
     assert isinstance(y, torch.Tensor)
@@ -60,14 +62,18 @@ def test_torch_input_gives_bitwise_the_local_forward(client: Butterfly, referenc
 
 
 @pytest.mark.parametrize("batch", [1, 8])
-def test_numpy_input_gives_bitwise_the_local_forward(client: Butterfly, reference: torch.nn.Module, batch: int) -> None:
+def test_numpy_input_gives_bitwise_the_local_forward(
+    client: Butterfly, reference: torch.nn.Module, batch: int
+) -> None:
     x = np.random.default_rng(batch).standard_normal((batch, 16, 256), dtype=np.float32)
     y = client.infer(x)
     assert isinstance(y, np.ndarray) and y.dtype == np.float32
     np.testing.assert_array_equal(y, local_forward(reference, torch.from_numpy(x)).numpy())
 
 
-def test_hundred_sequential_requests_are_all_correct(client: Butterfly, reference: torch.nn.Module) -> None:
+def test_hundred_sequential_requests_are_all_correct(
+    client: Butterfly, reference: torch.nn.Module
+) -> None:
     gen = torch.Generator().manual_seed(1)
     for _ in range(100):
         x = torch.randn(1, 8, 256, generator=gen)
@@ -75,14 +81,18 @@ def test_hundred_sequential_requests_are_all_correct(client: Butterfly, referenc
     assert client.metrics()["requests_completed"] == 100
 
 
-def test_placement_spreads_contiguous_stages_over_the_workers(client: Butterfly, transformer_cluster: LocalCluster) -> None:
+def test_placement_spreads_contiguous_stages_over_the_workers(
+    client: Butterfly, transformer_cluster: LocalCluster
+) -> None:
     cluster = client.cluster()
     assert [s.layers for s in cluster.stages] == [range(0, 2), range(2, 4), range(4, 6)]
     assert {w.address for w in cluster.workers} == set(transformer_cluster.addresses)
     assert all(w.state is WorkerState.READY for w in cluster.workers)
 
 
-def test_coordinator_discovers_the_cluster_from_one_worker(transformer_cluster: LocalCluster) -> None:
+def test_coordinator_discovers_the_cluster_from_one_worker(
+    transformer_cluster: LocalCluster,
+) -> None:
     with Butterfly.connect([transformer_cluster.addresses[-1]]) as b:
         assert {w.address for w in b.cluster().workers} == set(transformer_cluster.addresses)
         assert len(b.cluster().stages) == 3
@@ -98,7 +108,9 @@ def test_facade_works_from_a_plain_thread(client: Butterfly, reference: torch.nn
 
 
 def test_facade_serves_two_threads_at_once(client: Butterfly, reference: torch.nn.Module) -> None:
-    inputs = {i: torch.randn(1, 8, 256, generator=torch.Generator().manual_seed(i)) for i in range(2)}
+    inputs = {
+        i: torch.randn(1, 8, 256, generator=torch.Generator().manual_seed(i)) for i in range(2)
+    }
     outputs: dict[int, list[torch.Tensor]] = {0: [], 1: []}
 
     def work(i: int) -> None:
@@ -116,12 +128,19 @@ def test_facade_serves_two_threads_at_once(client: Butterfly, reference: torch.n
             torch.testing.assert_close(y, local_forward(reference, inputs[i]), rtol=0, atol=0)
 
 
-def test_wrong_shape_and_dtype_are_api_errors_and_the_next_request_works(client: Butterfly, reference: torch.nn.Module) -> None:
-    with pytest.raises(ApiError, match=r"input has shape \(1, 8, 100\) and dtype float32; the model expects shape \(\*, \*, 256\)"):
+def test_wrong_shape_and_dtype_are_api_errors_and_the_next_request_works(
+    client: Butterfly, reference: torch.nn.Module
+) -> None:
+    with pytest.raises(
+        ApiError,
+        match=r"input has shape \(1, 8, 100\) and dtype float32; the model expects shape \(\*, \*, 256\)",
+    ):
         client.infer(torch.zeros(1, 8, 100))
     with pytest.raises(ApiError, match=r"dtype float64; the model expects .* dtype float32"):
         client.infer(np.zeros((1, 8, 256)))
-    with pytest.raises(ApiError, match="must be a numpy.ndarray or torch.Tensor, got builtins.list"):
+    with pytest.raises(
+        ApiError, match=r"must be a numpy.ndarray or torch.Tensor, got builtins.list"
+    ):
         client.infer([[1.0]])
     x = torch.randn(1, 8, 256)
     torch.testing.assert_close(client.infer(x), local_forward(reference, x), rtol=0, atol=0)
@@ -131,7 +150,7 @@ def test_sync_facade_is_refused_inside_a_trio_run(client: Butterfly) -> None:
     async def misuse() -> None:
         client.infer(torch.zeros(1, 8, 256))
 
-    with pytest.raises(ApiError, match="use `async with AsyncButterfly.connect"):
+    with pytest.raises(ApiError, match=r"use `async with AsyncButterfly.connect"):
         trio.run(misuse)
 
 
@@ -149,9 +168,10 @@ def test_no_reachable_peer_is_a_network_error_naming_the_addresses() -> None:
 
 
 def test_worker_killed_mid_request_fails_it_within_the_timeout_and_the_survivors_serve_on() -> None:
-    with LocalCluster("tests.models:slow_mlp", workers=3, threads=1) as cluster, Butterfly.connect(
-        cluster.addresses, config=FAST_FAILURE
-    ) as b:
+    with (
+        LocalCluster("tests.models:slow_mlp", workers=3, threads=1) as cluster,
+        Butterfly.connect(cluster.addresses, config=FAST_FAILURE) as b,
+    ):
         middle = b.cluster().stages[1].address
         victim = next(p for p in cluster.processes if p.address == middle)
         threading.Timer(0.5, victim.kill).start()
@@ -168,9 +188,11 @@ def test_worker_killed_mid_request_fails_it_within_the_timeout_and_the_survivors
 
 def test_workers_with_different_weights_are_refused_at_connect(tmp_path: Path) -> None:
     # An unseeded factory: each process draws its own weights.
-    with LocalCluster("tests.models:random_mlp", workers=2) as cluster:
-        with pytest.raises(FingerprintMismatch, match="different weights.*must be deterministic"):
-            Butterfly.connect(cluster.addresses)
+    with (
+        LocalCluster("tests.models:random_mlp", workers=2) as cluster,
+        pytest.raises(FingerprintMismatch, match=r"different weights.*must be deterministic"),
+    ):
+        Butterfly.connect(cluster.addresses)
 
 
 def test_weights_file_is_loaded_by_every_worker(tmp_path: Path) -> None:
@@ -192,13 +214,18 @@ def test_local_cluster_shuts_down_cleanly_leaving_no_process_or_thread() -> None
         processes = list(b.local_cluster.processes)  # type: ignore[union-attr]
     assert [p.proc.returncode for p in processes] == [0, 0]
     time.sleep(0.2)
-    leftover = [t for t in set(threading.enumerate()) - threads_before if t.is_alive() and not t.daemon]
+    leftover = [
+        t for t in set(threading.enumerate()) - threads_before if t.is_alive() and not t.daemon
+    ]
     assert leftover == []
     assert not any(t.name == "butterfly-trio" and t.is_alive() for t in threading.enumerate())
 
 
 def test_local_cluster_stops_its_workers_when_the_body_raises() -> None:
-    with pytest.raises(RuntimeError, match="user bug"), Butterfly.local("butterfly.model.zoo:mlp", workers=2) as b:
+    with (
+        pytest.raises(RuntimeError, match="user bug"),
+        Butterfly.local("butterfly.model.zoo:mlp", workers=2) as b,
+    ):
         processes = list(b.local_cluster.processes)  # type: ignore[union-attr]
         raise RuntimeError("user bug")
     assert all(not p.alive() for p in processes)

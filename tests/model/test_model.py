@@ -12,7 +12,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from butterfly.errors import ModelError, ProtocolError
-from butterfly.model import ModelSource, StageRuntime, import_factory, infer_input_spec, torch_from_wire, torch_to_wire
+from butterfly.model import (
+    ModelSource,
+    StageRuntime,
+    import_factory,
+    infer_input_spec,
+    torch_from_wire,
+    torch_to_wire,
+)
 from butterfly.model.zoo import mlp, small_transformer
 from butterfly.protocol import InputSpec, WireTensor
 
@@ -36,7 +43,7 @@ def test_import_factory_errors_name_the_path(path: str, message: str) -> None:
 
 
 def test_factory_must_return_a_sequential() -> None:
-    with pytest.raises(ModelError, match="returned a Linear; expected a torch.nn.Sequential"):
+    with pytest.raises(ModelError, match=r"returned a Linear; expected a torch.nn.Sequential"):
         ModelSource("tests.model.test_model:_linear").describe()
 
 
@@ -69,7 +76,9 @@ def test_layer_range_outside_the_model_is_refused() -> None:
 def test_nondeterministic_factory_is_detected_when_building_layers() -> None:
     source = ModelSource("tests.models:random_mlp")
     source.describe()
-    with pytest.raises(ModelError, match="not deterministic: layer 0 differs.*Seed its random generator"):
+    with pytest.raises(
+        ModelError, match=r"not deterministic: layer 0 differs.*Seed its random generator"
+    ):
         source.build_layers(0, 1)
 
 
@@ -84,14 +93,17 @@ def test_weights_file_replaces_the_factory_weights(tmp_path: Path) -> None:
             p.add_(1.0)
     _save_weights(tmp_path / "w.safetensors", trained)
     source = ModelSource("butterfly.model.zoo:mlp", weights=tmp_path / "w.safetensors")
-    assert source.describe().fingerprint != ModelSource("butterfly.model.zoo:mlp").describe().fingerprint
+    assert (
+        source.describe().fingerprint
+        != ModelSource("butterfly.model.zoo:mlp").describe().fingerprint
+    )
     layers = source.build_layers(2, 4)
     torch.testing.assert_close(layers[0].weight, trained[2].weight, rtol=0, atol=0)
 
 
 def test_weights_file_with_a_foreign_tensor_is_refused(tmp_path: Path) -> None:
     save_file({"7.weight": torch.zeros(2)}, str(tmp_path / "w.safetensors"))
-    with pytest.raises(ModelError, match="has tensor '7.weight', which belongs to no layer"):
+    with pytest.raises(ModelError, match=r"has tensor '7.weight', which belongs to no layer"):
         ModelSource("butterfly.model.zoo:mlp", weights=tmp_path / "w.safetensors").describe()
 
 
@@ -114,7 +126,9 @@ def test_input_spec_of_a_linear_model() -> None:
 
 
 def test_input_spec_of_a_batch_first_transformer() -> None:
-    assert infer_input_spec(small_transformer()) == InputSpec(dtype="float32", min_ndim=3, max_ndim=3, trailing=(256,))
+    assert infer_input_spec(small_transformer()) == InputSpec(
+        dtype="float32", min_ndim=3, max_ndim=3, trailing=(256,)
+    )
 
 
 def test_input_spec_of_an_embedding_accepts_any_integer_dtype() -> None:
@@ -122,10 +136,14 @@ def test_input_spec_of_an_embedding_accepts_any_integer_dtype() -> None:
 
 
 def test_input_spec_of_a_conv_fixes_the_rank() -> None:
-    assert infer_input_spec(nn.Sequential(nn.Conv2d(3, 4, 3))) == InputSpec(dtype="float32", min_ndim=4, max_ndim=4)
+    assert infer_input_spec(nn.Sequential(nn.Conv2d(3, 4, 3))) == InputSpec(
+        dtype="float32", min_ndim=4, max_ndim=4
+    )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool]
+)
 def test_torch_tensors_round_trip_bitwise(dtype: torch.dtype) -> None:
     x = (torch.randn(3, 5) * 10).to(dtype)
     y = torch_from_wire(torch_to_wire(x))
@@ -140,7 +158,14 @@ def test_torch_from_wire_validates_before_building() -> None:
 
 async def test_stage_runtime_computes_in_a_worker_thread() -> None:
     layers = ModelSource("butterfly.model.zoo:mlp").build_layers(0, 6)
-    runtime = StageRuntime(layers, start=0, stop=6, device=torch.device("cpu"), limiter=trio.CapacityLimiter(1), max_bytes=1 << 20)
+    runtime = StageRuntime(
+        layers,
+        start=0,
+        stop=6,
+        device=torch.device("cpu"),
+        limiter=trio.CapacityLimiter(1),
+        max_bytes=1 << 20,
+    )
     x = torch.randn(4, 64)
     out = torch_from_wire(await runtime.forward(torch_to_wire(x)))
     with torch.inference_mode():

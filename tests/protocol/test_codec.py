@@ -36,7 +36,17 @@ def _tensor(shape: tuple[int, ...] = (2, 3)) -> WireTensor:
 
 
 MESSAGES = [
-    Hello(PROTOCOL_VERSION, "w1", "worker", "m:f", "ab" * 16, "ws://h:1", 12, ("ws://h:2",), InputSpec("float32", 3, 3, (768,))),
+    Hello(
+        PROTOCOL_VERSION,
+        "w1",
+        "worker",
+        "m:f",
+        "ab" * 16,
+        "ws://h:1",
+        12,
+        ("ws://h:2",),
+        InputSpec("float32", 3, 3, (768,)),
+    ),
     Heartbeat(7),
     Ack(7),
     Assign(3, (StageSpec(0, 0, 6, "w1", "ws://h:1"), StageSpec(1, 6, 12, "w2", "ws://h:2"))),
@@ -66,7 +76,12 @@ def test_activation_payload_is_a_zero_copy_view_of_the_frame() -> None:
     assert decoded.tensor.data.obj is frame
 
 
-@given(hnp.arrays(dtype=st.sampled_from(["<f4", "<f8", "<f2", "<i8", "<i4", "u1", "?"]), shape=hnp.array_shapes(min_dims=1, max_dims=4, max_side=5)))
+@given(
+    hnp.arrays(
+        dtype=st.sampled_from(["<f4", "<f8", "<f2", "<i8", "<i4", "u1", "?"]),
+        shape=hnp.array_shapes(min_dims=1, max_dims=4, max_side=5),
+    )
+)
 def test_arrays_round_trip_bitwise(array: np.ndarray) -> None:
     out = array_from_wire(decode(encode(Result(1, 0, array_to_wire(array)))).tensor)  # type: ignore[union-attr]
     assert out.dtype == array.dtype
@@ -121,7 +136,9 @@ def test_wrong_field_type_is_refused() -> None:
 
 def test_oversized_frame_is_refused_before_decoding() -> None:
     frame = encode(Result(1, 0, _tensor((16, 16))))
-    with pytest.raises(ProtocolError, match=f"frame of {len(frame)} bytes exceeds the limit of 100 bytes"):
+    with pytest.raises(
+        ProtocolError, match=f"frame of {len(frame)} bytes exceeds the limit of 100 bytes"
+    ):
         decode(frame, max_size=100)
 
 
@@ -163,7 +180,9 @@ def test_too_many_dimensions_are_refused() -> None:
 
 
 def test_empty_tensor_round_trips() -> None:
-    out = array_from_wire(decode(encode(Result(1, 0, array_to_wire(np.zeros((0, 3), np.float32))))).tensor)  # type: ignore[union-attr]
+    out = array_from_wire(
+        decode(encode(Result(1, 0, array_to_wire(np.zeros((0, 3), np.float32))))).tensor
+    )  # type: ignore[union-attr]
     assert out.shape == (0, 3)
 
 

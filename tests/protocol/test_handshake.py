@@ -9,7 +9,13 @@ from butterfly.protocol import PROTOCOL_VERSION, Handshake, HandshakeState, Hear
 
 
 def hello(**kw: object) -> Hello:
-    fields: dict[str, object] = {"version": PROTOCOL_VERSION, "node_id": "w1", "role": "worker", "model_name": "m:f", "fingerprint": "f1"}
+    fields: dict[str, object] = {
+        "version": PROTOCOL_VERSION,
+        "node_id": "w1",
+        "role": "worker",
+        "model_name": "m:f",
+        "fingerprint": "f1",
+    }
     fields.update(kw)
     return Hello(**fields)  # type: ignore[arg-type]
 
@@ -44,13 +50,17 @@ def test_failed_handshake_stays_failed() -> None:
 
 def test_other_protocol_version_is_refused() -> None:
     hs = Handshake(hello(node_id="me"))
-    with pytest.raises(ProtocolError, match=f"speaks protocol version 99; this side speaks {PROTOCOL_VERSION}"):
+    with pytest.raises(
+        ProtocolError, match=f"speaks protocol version 99; this side speaks {PROTOCOL_VERSION}"
+    ):
         hs.receive(hello(version=99))
 
 
 def test_unexpected_role_is_refused() -> None:
     hs = Handshake(hello(node_id="me"), expect_roles=frozenset({"coordinator"}))
-    with pytest.raises(ProtocolError, match="has role 'worker'; expected one of \\['coordinator'\\]"):
+    with pytest.raises(
+        ProtocolError, match="has role 'worker'; expected one of \\['coordinator'\\]"
+    ):
         hs.receive(hello())
 
 
@@ -63,7 +73,7 @@ def test_second_hello_is_refused() -> None:
 
 def test_fingerprint_mismatch_says_factories_must_be_deterministic() -> None:
     hs = Handshake(hello(node_id="me"), expect_model="m:f", expect_fingerprint="f2")
-    with pytest.raises(FingerprintMismatch, match="different weights.*must be deterministic"):
+    with pytest.raises(FingerprintMismatch, match=r"different weights.*must be deterministic"):
         hs.receive(hello(fingerprint="f1"))
 
 

@@ -13,7 +13,15 @@ import trio_websocket
 from butterfly.config import NetworkConfig
 from butterfly.errors import NetworkError, ProtocolError
 from butterfly.protocol import PROTOCOL_VERSION, Handshake, Heartbeat, Hello
-from butterfly.transport import Connection, MemoryNetwork, Transport, WebsocketTransport, dial, open_peer, parse_address
+from butterfly.transport import (
+    Connection,
+    MemoryNetwork,
+    Transport,
+    WebsocketTransport,
+    dial,
+    open_peer,
+    parse_address,
+)
 from butterfly.transport.retry import backoff_delays
 
 ADDRESSES = {"memory": "mem://server", "websocket": "ws://127.0.0.1:0"}
@@ -26,7 +34,9 @@ def make_transport(kind: str, max_message_size: int = 16 << 20) -> Transport:
 
 
 @asynccontextmanager
-async def serving(transport: Transport, kind: str, handler: Callable[[Connection], object]) -> AsyncIterator[str]:
+async def serving(
+    transport: Transport, kind: str, handler: Callable[[Connection], object]
+) -> AsyncIterator[str]:
     async with trio.open_nursery() as nursery:
         address = await nursery.start(transport.serve, ADDRESSES[kind], handler)
         yield address
@@ -58,7 +68,10 @@ async def test_receive_after_peer_closes_raises_network_error(kind: str) -> None
         await conn.aclose()
 
     transport = make_transport(kind)
-    async with serving(transport, kind, close_at_once) as address, transport.connect(address) as conn:
+    async with (
+        serving(transport, kind, close_at_once) as address,
+        transport.connect(address) as conn,
+    ):
         with pytest.raises(NetworkError, match="closed"):
             await conn.receive()
 
@@ -88,7 +101,10 @@ async def test_websocket_text_frame_is_a_protocol_error() -> None:
         await trio.sleep(1)
 
     transport = WebsocketTransport()
-    async with serving(transport, "websocket", send_text) as address, transport.connect(address) as conn:
+    async with (
+        serving(transport, "websocket", send_text) as address,
+        transport.connect(address) as conn,
+    ):
         with pytest.raises(ProtocolError, match="text frame"):
             await conn.receive()
 
@@ -120,7 +136,9 @@ def test_backoff_doubles_up_to_the_cap() -> None:
     assert backoff_delays(6, 0.1, 1.0) == [0.1, 0.2, 0.4, 0.8, 1.0]
 
 
-async def test_dial_retries_until_the_listener_appears(autojump_clock: trio.testing.MockClock) -> None:
+async def test_dial_retries_until_the_listener_appears(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     net = MemoryNetwork()
 
     async def late_server(task_status: trio.TaskStatus[None]) -> None:
@@ -139,7 +157,9 @@ async def test_dial_retries_until_the_listener_appears(autojump_clock: trio.test
         nursery.cancel_scope.cancel()
 
 
-async def test_dial_gives_up_after_the_attempts_naming_the_address(autojump_clock: trio.testing.MockClock) -> None:
+async def test_dial_gives_up_after_the_attempts_naming_the_address(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     with pytest.raises(NetworkError, match="could not reach mem://gone after 3 attempt"):
         async with dial(MemoryNetwork(), "mem://gone", attempts=3, initial_delay=0.1, max_delay=1):
             pass
@@ -160,10 +180,14 @@ async def test_peer_handshake_then_typed_messages() -> None:
             await peer.send(Heartbeat(message.seq + 1))
             await trio.sleep_forever()
 
-    async with serving(net, "memory", server) as address, net.connect(address) as conn, open_peer(
-        conn, max_message_size=1 << 20, send_queue_size=4
-    ) as peer:
-        hello = await peer.handshake(_hello("c", "coordinator"), Handshake(_hello("c", "coordinator")), timeout=5)
+    async with (
+        serving(net, "memory", server) as address,
+        net.connect(address) as conn,
+        open_peer(conn, max_message_size=1 << 20, send_queue_size=4) as peer,
+    ):
+        hello = await peer.handshake(
+            _hello("c", "coordinator"), Handshake(_hello("c", "coordinator")), timeout=5
+        )
         assert hello.node_id == "s"
         await peer.send(Heartbeat(1))
         assert await peer.receive() == Heartbeat(2)
@@ -177,9 +201,11 @@ async def test_peer_send_waits_when_the_queue_is_full() -> None:
     async def never_reads(conn: Connection) -> None:
         await stalled.wait()
 
-    async with serving(net, "memory", never_reads) as address, net.connect(address) as conn, open_peer(
-        conn, max_message_size=1 << 20, send_queue_size=2
-    ) as peer:
+    async with (
+        serving(net, "memory", never_reads) as address,
+        net.connect(address) as conn,
+        open_peer(conn, max_message_size=1 << 20, send_queue_size=2) as peer,
+    ):
         sent = 0
         with trio.move_on_after(0.5):
             while True:
@@ -192,21 +218,29 @@ async def test_peer_send_waits_when_the_queue_is_full() -> None:
 
 async def test_peer_refuses_to_send_a_message_above_the_limit() -> None:
     net = MemoryNetwork()
-    async with serving(net, "memory", echo) as address, net.connect(address) as conn, open_peer(
-        conn, max_message_size=10, send_queue_size=2
-    ) as peer:
+    async with (
+        serving(net, "memory", echo) as address,
+        net.connect(address) as conn,
+        open_peer(conn, max_message_size=10, send_queue_size=2) as peer,
+    ):
         with pytest.raises(ProtocolError, match="exceeds max_message_size 10"):
             await peer.send(_hello("c", "coordinator"))
 
 
-async def test_peer_handshake_times_out_when_the_other_side_is_silent(autojump_clock: trio.testing.MockClock) -> None:
+async def test_peer_handshake_times_out_when_the_other_side_is_silent(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     net = MemoryNetwork()
 
     async def silent(conn: Connection) -> None:
         await trio.sleep_forever()
 
-    async with serving(net, "memory", silent) as address, net.connect(address) as conn, open_peer(
-        conn, max_message_size=1 << 20, send_queue_size=2
-    ) as peer:
+    async with (
+        serving(net, "memory", silent) as address,
+        net.connect(address) as conn,
+        open_peer(conn, max_message_size=1 << 20, send_queue_size=2) as peer,
+    ):
         with pytest.raises(NetworkError, match="did not complete the handshake within 3 s"):
-            await peer.handshake(_hello("c", "coordinator"), Handshake(_hello("c", "coordinator")), timeout=3)
+            await peer.handshake(
+                _hello("c", "coordinator"), Handshake(_hello("c", "coordinator")), timeout=3
+            )

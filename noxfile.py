@@ -1,0 +1,69 @@
+"""Sessions: tests, lint, typecheck, demo, bench.  ``nox -s tests`` is what CI runs."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.default_venv_backend = "venv"
+
+# The CPU build of torch lies on this project's machines' disks; an unpinned torch
+# would pull a multi-GB CUDA build from the registry.
+TORCH = "torch==2.13.0"
+
+
+def install(session: nox.Session, *extras: str) -> None:
+    session.install(TORCH)
+    spec = f".[{','.join(extras)}]" if extras else "."
+    session.install("-e", spec)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole suite with coverage of butterfly/ (worker subprocesses included); fails below 80%."""
+    install(session, "test")
+    session.run(
+        "pytest",
+        "--cov=butterfly",
+        "--cov-report=term",
+        "--cov-fail-under=80",
+        "-p",
+        "no:cacheprovider",
+        *session.posargs,
+        env={"COVERAGE_FILE": ".coverage"},
+    )
+
+
+@nox.session
+def quick(session: nox.Session) -> None:
+    """The fast loop: everything but the tests that start worker processes."""
+    install(session, "test")
+    session.run("pytest", "-m", "not slow", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "butterfly", "tests", "bench", "noxfile.py")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    install(session)
+    session.install("mypy")
+    session.run("mypy", "--strict", "butterfly")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Split the demo model over 3 local worker processes and compare with a local forward."""
+    install(session)
+    session.run("python", "-m", "butterfly", "demo", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Transport benchmark: Butterfly's websocket hop vs raw TCP, side by side."""
+    install(session)
+    session.run("python", "-m", "bench.transport", *session.posargs)
