@@ -110,8 +110,6 @@ class NetworkConfig:
 class MetricsConfig:
     """The in-process metrics collector."""
 
-    #: Events buffered between components and the collector; excess events are counted, not queued.
-    event_queue_size: int = attrs.field(default=10_000, validator=_positive)
     #: Latencies kept for percentiles.
     latency_window: int = attrs.field(default=4096, validator=_positive)
 

@@ -40,20 +40,20 @@ class ButterflySystem:
         self.config = config
         self.transport = transport or WebsocketTransport(config.network)
         self.metrics = MetricsService(config.metrics)
-        self.partition = PartitionService(config.partition, self.metrics.sink)
+        self.partition = PartitionService(config.partition, self.metrics)
         send, receive = trio.open_memory_channel[Response](config.scheduling.max_queue_size)
         self.coordination = CoordinationService(
             peers,
             transport=self.transport,
             config=config,
-            metrics=self.metrics.sink,
+            metrics=self.metrics,
             partition=self.partition,
             responses=send,
         )
         self.scheduling = SchedulingService(
             config.scheduling,
             coordination=self.coordination,
-            metrics=self.metrics.sink,
+            metrics=self.metrics,
             responses=receive,
         )
         self._stop = trio.Event()

@@ -1,13 +1,16 @@
-"""The metrics service: components emit events into a bounded channel; one task aggregates them.
+"""The metrics service: every component emits typed events; the collector aggregates them.
 
-Emitting never blocks the hot path: when the channel is full the event is counted as
-dropped instead of waiting.
+Recording an event is O(1) and never waits, so components call ``emit`` on the hot
+path directly. (A memory channel to a collector task was tried first: an event handed
+to the waiting collector task is invisible until that task runs, so a snapshot taken
+right after a request could miss it.) Prometheus exposition plugs in here later.
 """
 
 from __future__ import annotations
 
 import collections
 import statistics
+from typing import Protocol
 
 import trio
 
@@ -17,18 +20,10 @@ from .events import Event, PlacementChanged, RequestCompleted, RequestFailed, Wo
 __all__ = ["MetricsService", "MetricsSink"]
 
 
-class MetricsSink:
-    """The emitting end handed to every component."""
+class MetricsSink(Protocol):
+    """The narrow interface handed to every component."""
 
-    def __init__(self, channel: trio.MemorySendChannel[Event]) -> None:
-        self._channel = channel
-        self.dropped = 0
-
-    def emit(self, event: Event) -> None:
-        try:
-            self._channel.send_nowait(event)
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-            self.dropped += 1
+    def emit(self, event: Event) -> None: ...
 
 
 class MetricsService:
@@ -36,8 +31,6 @@ class MetricsService:
 
     def __init__(self, config: MetricsConfig | None = None) -> None:
         self.config = config or MetricsConfig()
-        send, self._receive = trio.open_memory_channel[Event](self.config.event_queue_size)
-        self.sink = MetricsSink(send)
         self.completed = 0
         self.failed: collections.Counter[str] = collections.Counter()
         self.worker_states: dict[str, str] = {}
@@ -47,11 +40,11 @@ class MetricsService:
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Nothing to do in the background yet; exporters will run here."""
         task_status.started()
-        async for event in self._receive:
-            self.record(event)
+        await trio.sleep_forever()
 
-    def record(self, event: Event) -> None:
+    def emit(self, event: Event) -> None:
         match event:
             case RequestCompleted(latency_s=latency):
                 self.completed += 1
@@ -65,12 +58,6 @@ class MetricsService:
 
     def snapshot(self) -> dict[str, object]:
         """Counters and latency percentiles (seconds) of everything emitted so far."""
-        # Fold in events still in the channel, so a snapshot taken right after a request counts it.
-        while True:
-            try:
-                self.record(self._receive.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                break
         lat = sorted(self.latencies)
 
         def pct(q: float) -> float | None:
@@ -84,5 +71,4 @@ class MetricsService:
             "latency_mean_s": statistics.fmean(lat) if lat else None,
             "placements": self.placements,
             "worker_states": dict(self.worker_states),
-            "events_dropped": self.sink.dropped,
         }

@@ -94,21 +94,6 @@ async def test_connecting_to_nothing_raises_network_error_naming_the_address(kin
             pass
 
 
-async def test_websocket_text_frame_is_a_protocol_error() -> None:
-    async def send_text(conn: Connection) -> None:
-        ws = conn._ws  # type: ignore[attr-defined]
-        await ws.send_message("hello")
-        await trio.sleep(1)
-
-    transport = WebsocketTransport()
-    async with (
-        serving(transport, "websocket", send_text) as address,
-        transport.connect(address) as conn,
-    ):
-        with pytest.raises(ProtocolError, match="text frame"):
-            await conn.receive()
-
-
 async def test_websocket_server_survives_a_bad_client() -> None:
     async def strict(conn: Connection) -> None:
         raise ProtocolError("bad client")

@@ -1,0 +1,161 @@
+"""Sans-IO pieces of RFC 6455 (websocket) framing: headers, masking, close codes, the accept key.
+
+Butterfly moves megabytes per message, so framing is written for bulk binary data:
+the payload is never concatenated with its header, masking runs in numpy over 32-bit
+words (wsproto masks byte by byte in Python), and a receiver can read a payload
+straight into a buffer of the announced size. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import hashlib
+import struct
+
+import attrs
+import numpy as np
+
+from ..errors import ProtocolError
+
+__all__ = [
+    "CloseCode",
+    "FrameHeader",
+    "Opcode",
+    "accept_key",
+    "close_payload",
+    "encode_header",
+    "mask",
+    "parse_close",
+    "parse_header",
+]
+
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+#: Control frames carry at most this many payload bytes (RFC 6455 §5.5).
+MAX_CONTROL_PAYLOAD = 125
+
+
+class Opcode(enum.IntEnum):
+    CONTINUATION = 0x0
+    TEXT = 0x1
+    BINARY = 0x2
+    CLOSE = 0x8
+    PING = 0x9
+    PONG = 0xA
+
+    @property
+    def is_control(self) -> bool:
+        return self >= 0x8
+
+
+class CloseCode(enum.IntEnum):
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
+    MESSAGE_TOO_BIG = 1009
+
+
+def accept_key(key: str | bytes) -> str:
+    """``Sec-WebSocket-Accept`` for a client's ``Sec-WebSocket-Key``."""
+    raw = key.encode() if isinstance(key, str) else key
+    return base64.b64encode(hashlib.sha1(raw.strip() + _GUID).digest()).decode()
+
+
+@attrs.frozen
+class FrameHeader:
+    fin: bool
+    opcode: Opcode
+    length: int
+    mask_key: bytes | None
+    #: Bytes the header itself took (2 to 14).
+    size: int
+
+
+def encode_header(
+    opcode: Opcode, length: int, *, fin: bool = True, mask_key: bytes | None = None
+) -> bytes:
+    """The header of one frame whose payload is ``length`` bytes (masked when ``mask_key`` is given)."""
+    first = (0x80 if fin else 0) | int(opcode)
+    mask_bit = 0x80 if mask_key is not None else 0
+    if length < 126:
+        head = struct.pack("!BB", first, mask_bit | length)
+    elif length < 1 << 16:
+        head = struct.pack("!BBH", first, mask_bit | 126, length)
+    else:
+        head = struct.pack("!BBQ", first, mask_bit | 127, length)
+    return head + mask_key if mask_key is not None else head
+
+
+def parse_header(data: bytes | bytearray | memoryview) -> FrameHeader | None:
+    """Parse a frame header at the start of ``data``; ``None`` until enough bytes are there.
+
+    Raises ``ProtocolError`` for reserved bits (no extension is negotiated), unknown
+    opcodes and malformed control frames.
+    """
+    if len(data) < 2:
+        return None
+    b0, b1 = data[0], data[1]
+    if b0 & 0x70:
+        raise ProtocolError("websocket frame uses reserved bits, but no extension was negotiated")
+    try:
+        opcode = Opcode(b0 & 0x0F)
+    except ValueError:
+        raise ProtocolError(f"unknown websocket opcode {b0 & 0x0F:#x}") from None
+    fin = bool(b0 & 0x80)
+    masked = bool(b1 & 0x80)
+    length = b1 & 0x7F
+    size = 2
+    if length == 126:
+        if len(data) < 4:
+            return None
+        (length,) = struct.unpack_from("!H", data, 2)
+        size = 4
+    elif length == 127:
+        if len(data) < 10:
+            return None
+        (length,) = struct.unpack_from("!Q", data, 2)
+        if length >> 63:
+            raise ProtocolError("websocket frame length has its most significant bit set")
+        size = 10
+    mask_key = None
+    if masked:
+        if len(data) < size + 4:
+            return None
+        mask_key = bytes(data[size : size + 4])
+        size += 4
+    if opcode.is_control and (not fin or length > MAX_CONTROL_PAYLOAD):
+        raise ProtocolError(f"websocket {opcode.name} frame is fragmented or longer than 125 bytes")
+    return FrameHeader(fin=fin, opcode=opcode, length=length, mask_key=mask_key, size=size)
+
+
+def mask(buffer: bytearray | memoryview, mask_key: bytes, *, offset: int = 0) -> None:
+    """XOR ``buffer`` in place with ``mask_key``, as if it started ``offset`` bytes into the payload.
+
+    Masking and unmasking are the same operation.
+    """
+    view = np.frombuffer(buffer, dtype=np.uint8)
+    if not len(view):
+        return
+    key = np.frombuffer(mask_key, dtype=np.uint8)
+    key = np.roll(key, -(offset % 4))
+    words = len(view) // 4
+    if words:
+        body = view[: words * 4].view(np.uint32)
+        np.bitwise_xor(body, key.view(np.uint32)[0], out=body)
+    tail = view[words * 4 :]
+    if len(tail):
+        np.bitwise_xor(tail, key[: len(tail)], out=tail)
+
+
+def close_payload(code: CloseCode | int, reason: str = "") -> bytes:
+    """The payload of a close frame: a 2-byte code and a UTF-8 reason, cut to fit 125 bytes."""
+    return struct.pack("!H", int(code)) + reason.encode()[: MAX_CONTROL_PAYLOAD - 2]
+
+
+def parse_close(payload: bytes) -> tuple[int, str]:
+    """``(code, reason)`` of a close frame; ``(1005, "")`` when it carries none (RFC 6455 §7.1.5)."""
+    if len(payload) < 2:
+        return 1005, ""
+    (code,) = struct.unpack_from("!H", payload)
+    return code, payload[2:].decode(errors="replace")

@@ -1,0 +1,112 @@
+"""Our websocket adapter speaks standard RFC 6455: checked against trio-websocket (wsproto)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import trio
+import trio_websocket
+
+from butterfly.config import NetworkConfig
+from butterfly.errors import NetworkError, ProtocolError
+from butterfly.transport import Connection, WebsocketTransport
+
+PAYLOADS = [b"", b"x", bytes(range(256)) * 300, b"y" * (3 << 20)]
+
+
+async def echo(conn: Connection) -> None:
+    while True:
+        try:
+            await conn.send(bytes(await conn.receive()))
+        except NetworkError:
+            return
+
+
+@pytest.fixture
+async def our_server(nursery: trio.Nursery) -> str:
+    transport = WebsocketTransport(NetworkConfig(max_message_size=8 << 20))
+    return await nursery.start(transport.serve, "ws://127.0.0.1:0", echo)
+
+
+async def test_trio_websocket_client_talks_to_our_server(our_server: str) -> None:
+    async with trio_websocket.open_websocket_url(our_server, max_message_size=8 << 20) as ws:
+        for payload in PAYLOADS:
+            await ws.send_message(payload)
+            assert await ws.get_message() == payload
+
+
+async def test_our_server_answers_a_ping(our_server: str) -> None:
+    async with trio_websocket.open_websocket_url(our_server) as ws:
+        with trio.fail_after(5):
+            await ws.ping(b"are you there")
+
+
+async def test_our_server_closes_with_1009_on_a_message_above_the_limit(
+    nursery: trio.Nursery,
+) -> None:
+    transport = WebsocketTransport(NetworkConfig(max_message_size=1024))
+    address = await nursery.start(transport.serve, "ws://127.0.0.1:0", echo)
+    async with trio_websocket.open_websocket_url(address) as ws:
+        await ws.send_message(b"z" * 2048)
+        with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            await ws.get_message()
+        assert closed.value.reason.code == 1009
+
+
+async def test_our_client_talks_to_a_trio_websocket_server(nursery: trio.Nursery) -> None:
+    async def handler(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        try:
+            while True:
+                await ws.send_message(await ws.get_message())
+        except trio_websocket.ConnectionClosed:
+            pass
+
+    server = await nursery.start(
+        lambda task_status: trio_websocket.serve_websocket(
+            handler, "127.0.0.1", 0, None, max_message_size=8 << 20, task_status=task_status
+        )
+    )
+    transport = WebsocketTransport()
+    async with transport.connect(f"ws://127.0.0.1:{server.port}") as conn:
+        for payload in PAYLOADS:
+            await conn.send(payload)
+            assert await conn.receive() == payload
+
+
+async def test_text_frame_is_a_protocol_error(nursery: trio.Nursery) -> None:
+    async def handler(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        await ws.send_message("hello")
+        await trio.sleep(5)
+
+    server = await nursery.start(
+        lambda task_status: trio_websocket.serve_websocket(
+            handler, "127.0.0.1", 0, None, task_status=task_status
+        )
+    )
+    async with WebsocketTransport().connect(f"ws://127.0.0.1:{server.port}") as conn:
+        with pytest.raises(ProtocolError, match="text frame; only binary frames are accepted"):
+            await conn.receive()
+
+
+async def test_plain_http_request_is_refused_with_400(our_server: str) -> None:
+    host, port = our_server.removeprefix("ws://").split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = await stream.receive_some(1024)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    await stream.aclose()
+
+
+async def test_server_that_is_not_websocket_is_a_network_error(nursery: trio.Nursery) -> None:
+    async def http_only(stream: trio.SocketStream) -> None:
+        await stream.receive_some(4096)
+        await stream.send_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+
+    listeners = await nursery.start(partial(trio.serve_tcp, http_only, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    with pytest.raises(NetworkError, match="websocket upgrade refused .* \\(answer 404\\)"):
+        async with WebsocketTransport().connect(f"ws://127.0.0.1:{port}"):
+            pass
