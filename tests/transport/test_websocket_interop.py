@@ -107,6 +107,6 @@ async def test_server_that_is_not_websocket_is_a_network_error(nursery: trio.Nur
 
     listeners = await nursery.start(partial(trio.serve_tcp, http_only, 0, host="127.0.0.1"))
     port = listeners[0].socket.getsockname()[1]
-    with pytest.raises(NetworkError, match="websocket upgrade refused .* \\(answer 404\\)"):
+    with pytest.raises(NetworkError, match=r"websocket upgrade refused .* \(answer 404\)"):
         async with WebsocketTransport().connect(f"ws://127.0.0.1:{port}"):
             pass
