@@ -5,6 +5,7 @@ from .codec import array_from_wire as array_from_wire
 from .codec import array_to_wire as array_to_wire
 from .codec import decode as decode
 from .codec import encode as encode
+from .codec import encode_parts as encode_parts
 from .handshake import Handshake as Handshake
 from .handshake import HandshakeState as HandshakeState
 from .messages import PROTOCOL_VERSION as PROTOCOL_VERSION

@@ -23,6 +23,7 @@ __all__ = [
     "array_to_wire",
     "decode",
     "encode",
+    "encode_parts",
 ]
 
 #: Wire dtype name → numpy storage dtype. numpy has no bfloat16: it travels as its
@@ -54,6 +55,32 @@ _decoder = msgspec.msgpack.Decoder(Message)
 def encode(message: Message) -> bytes:
     """Serialize one message into one frame."""
     return _encoder.encode(message)
+
+
+#: Tensor payloads at least this large are sent as a separate buffer, never copied into the frame.
+SCATTER_THRESHOLD: Final = 64 * 1024
+_EMPTY_BIN = b"\xc4\x00"  # msgpack bin8 of length 0
+
+
+def encode_parts(message: Message) -> tuple[bytes | memoryview, ...]:
+    """Serialize one message as buffers whose concatenation is ``encode(message)``.
+
+    A large tensor payload is returned as its own buffer (a view of the tensor's
+    memory) instead of being copied into the frame: it is the last field of the last
+    field of Activation and Result, so the frame is ``envelope + bin32 header + data``.
+    """
+    tensor = getattr(message, "tensor", None)
+    if tensor is None or not SCATTER_THRESHOLD <= len(tensor.data) < 1 << 32:
+        return (_encoder.encode(message),)
+    data = tensor.data
+    envelope = _encoder.encode(
+        msgspec.structs.replace(
+            message, tensor=msgspec.structs.replace(tensor, data=memoryview(b""))
+        )
+    )
+    if not envelope.endswith(_EMPTY_BIN):  # a field appended after the tensor: no shortcut
+        return (_encoder.encode(message),)
+    return envelope[:-2] + b"\xc6" + len(data).to_bytes(4, "big"), data
 
 
 def decode(frame: bytes | bytearray | memoryview, *, max_size: int | None = None) -> Message:

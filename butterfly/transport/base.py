@@ -12,12 +12,17 @@ from typing import Protocol
 
 import trio
 
-__all__ = ["Connection", "ConnectionHandler", "Transport"]
+__all__ = ["Buffer", "Connection", "ConnectionHandler", "Transport"]
+
+#: What a message is made of on the way in and out.
+Buffer = bytes | bytearray | memoryview
 
 
 class Connection(Protocol):
     """One bidirectional, message-framed connection.
 
+    ``send(*parts)`` sends one message: the concatenation of ``parts`` (so a large
+    payload can be sent from its own memory, without first joining it to a header).
     ``send`` and ``receive`` raise :class:`~butterfly.errors.NetworkError` once the
     connection is closed or broken, and ``ProtocolError`` for a frame that is not binary.
     """
@@ -27,9 +32,9 @@ class Connection(Protocol):
         """A human-readable description of the other end, for error messages."""
         ...
 
-    async def send(self, frame: bytes) -> None: ...
+    async def send(self, *parts: Buffer) -> None: ...
 
-    async def receive(self) -> bytes | bytearray: ...
+    async def receive(self) -> Buffer: ...
 
     async def aclose(self) -> None: ...
 

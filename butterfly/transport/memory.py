@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from ..errors import NetworkError
-from .base import Connection, ConnectionHandler
+from .base import Buffer, Connection, ConnectionHandler
 
 __all__ = ["MemoryConnection", "MemoryNetwork"]
 
@@ -41,7 +41,8 @@ class MemoryConnection:
     def remote(self) -> str:
         return self._remote
 
-    async def send(self, frame: bytes) -> None:
+    async def send(self, *parts: Buffer) -> None:
+        frame = b"".join(parts)
         if len(frame) > self._max_message_size:
             # Like a websocket peer answering 1009 (message too big): the link is lost.
             await self.aclose()
@@ -50,7 +51,7 @@ class MemoryConnection:
                 f"{self._max_message_size}"
             )
         try:
-            await self._send.send(bytes(frame))
+            await self._send.send(frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise NetworkError(f"connection to {self._remote} is closed") from exc
 

@@ -14,8 +14,8 @@ from contextlib import asynccontextmanager
 import trio
 
 from ..errors import NetworkError, ProtocolError
-from ..protocol import Handshake, Hello, Message, decode, encode
-from .base import Connection
+from ..protocol import Handshake, Hello, Message, decode, encode, encode_parts
+from .base import Buffer, Connection
 
 __all__ = ["Peer", "open_peer"]
 
@@ -27,7 +27,9 @@ class Peer:
         self.conn = conn
         self.max_message_size = max_message_size
         self.hello: Hello | None = None
-        self._queue_in, self._queue_out = trio.open_memory_channel[bytes](send_queue_size)
+        self._queue_in, self._queue_out = trio.open_memory_channel[tuple[Buffer, ...]](
+            send_queue_size
+        )
         self._broken: NetworkError | None = None
 
     @property
@@ -48,14 +50,15 @@ class Peer:
 
     async def send(self, message: Message) -> None:
         """Queue ``message``; waits while the queue is full. Raises ``NetworkError`` once broken."""
-        frame = encode(message)
-        if len(frame) > self.max_message_size:
+        parts = encode_parts(message)
+        size = sum(len(p) for p in parts)
+        if size > self.max_message_size:
             raise ProtocolError(
-                f"{type(message).__name__} of {len(frame)} bytes exceeds max_message_size "
+                f"{type(message).__name__} of {size} bytes exceeds max_message_size "
                 f"{self.max_message_size}; raise network.max_message_size on every node"
             )
         try:
-            await self._queue_in.send(frame)
+            await self._queue_in.send(parts)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise self._broken or NetworkError(f"connection to {self.remote} is closed") from None
 
@@ -65,8 +68,8 @@ class Peer:
 
     async def _drain(self) -> None:
         try:
-            async for frame in self._queue_out:
-                await self.conn.send(frame)
+            async for parts in self._queue_out:
+                await self.conn.send(*parts)
         except NetworkError as exc:
             # Close both directions so the receive loop ends too; senders see the cause.
             self._broken = exc

@@ -137,8 +137,8 @@ def mask(buffer: bytearray | memoryview, mask_key: bytes, *, offset: int = 0) ->
     view = np.frombuffer(buffer, dtype=np.uint8)
     if not len(view):
         return
-    key = np.frombuffer(mask_key, dtype=np.uint8)
-    key = np.roll(key, -(offset % 4))
+    shift = offset % 4
+    key = np.frombuffer(mask_key[shift:] + mask_key[:shift], dtype=np.uint8)
     words = len(view) // 4
     if words:
         body = view[: words * 4].view(np.uint32)
