@@ -122,6 +122,9 @@ class SchedulingService:
         except ButterflyError as exc:
             self.metrics.emit(RequestFailed(request_id, error_kind(exc)))
             raise
+        except trio.Cancelled:  # the caller gave up (Ctrl-C, an outer timeout)
+            self.metrics.emit(RequestFailed(request_id, "cancelled"))
+            raise
         finally:
             self._admitted -= 1
             if self._admitted == 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
@@ -234,3 +235,20 @@ def test_local_cluster_stops_its_workers_when_the_body_raises() -> None:
 def test_local_refuses_a_model_worker_processes_cannot_import() -> None:
     with pytest.raises(ApiError, match="not importable by worker processes"):
         Butterfly.local(lambda: mlp(), workers=1)
+
+
+def test_ctrl_c_while_waiting_cancels_the_request_and_the_client_keeps_serving() -> None:
+    with Butterfly.local("tests.models:slow_mlp", workers=2) as b:
+        main = threading.main_thread().ident
+        assert main == threading.get_ident()
+        timer = threading.Timer(0.3, lambda: signal.pthread_kill(main, signal.SIGINT))
+        timer.start()
+        start = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            b.infer(torch.zeros(1, 64))
+        assert time.monotonic() - start < 1.4  # interrupted, not waited out (the model takes 1.5 s)
+        x = torch.randn(1, 64)
+        from tests.models import slow_mlp
+
+        torch.testing.assert_close(b.infer(x), local_forward(slow_mlp(), x), rtol=0, atol=0)
+        assert b.metrics()["requests_failed"] == {"cancelled": 1}
