@@ -45,7 +45,7 @@ def quick(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
-    session.run("ruff", "check", "butterfly", "tests", "bench", "noxfile.py")
+    session.run("ruff", "check", "butterfly", "tests", "bench", "examples", "noxfile.py")
 
 
 @nox.session

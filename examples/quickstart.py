@@ -1,6 +1,6 @@
 """Split a model over three local worker processes and compare with a local forward.
 
-    python examples/quickstart.py
+python examples/quickstart.py
 """
 
 from __future__ import annotations

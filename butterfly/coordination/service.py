@@ -40,7 +40,7 @@ from ..protocol import (
     Result,
     StageSpec,
 )
-from ..transport import Peer, Transport, dial, open_peer
+from ..transport import Peer, Transport, dial_peer
 from ..transport.retry import backoff_delays
 from ..types import ClusterInfo, StageInfo, WorkerInfo, WorkerState
 
@@ -217,18 +217,7 @@ class CoordinationService:
 
     async def _connect_and_serve(self, worker: _Worker) -> None:
         net = self.config.network
-        async with (
-            dial(
-                self.transport,
-                worker.address,
-                attempts=net.reconnect_attempts,
-                initial_delay=net.reconnect_initial_delay,
-                max_delay=net.reconnect_max_delay,
-            ) as conn,
-            open_peer(
-                conn, max_message_size=net.max_message_size, send_queue_size=net.send_queue_size
-            ) as peer,
-        ):
+        async with dial_peer(self.transport, worker.address, net) as peer:
             check = Handshake(self._hello(), expect_roles=frozenset({"worker"}))
             hello = await peer.handshake(self._hello(), check, timeout=net.connect_timeout)
             if self._fingerprint and (hello.fingerprint, hello.model_name) != (

@@ -13,11 +13,13 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from ..config import NetworkConfig
 from ..errors import NetworkError, ProtocolError
 from ..protocol import Handshake, Hello, Message, decode, encode, encode_parts
-from .base import Buffer, Connection
+from .base import Buffer, Connection, Transport
+from .retry import dial
 
-__all__ = ["Peer", "open_peer"]
+__all__ = ["Peer", "dial_peer", "open_peer"]
 
 
 class Peer:
@@ -76,6 +78,26 @@ class Peer:
             self._queue_out.close()
             with trio.CancelScope(shield=True):
                 await self.conn.aclose()
+
+
+@asynccontextmanager
+async def dial_peer(
+    transport: Transport, address: str, config: NetworkConfig
+) -> AsyncIterator[Peer]:
+    """Connect to ``address`` (with the configured retries) and open a :class:`Peer` on it."""
+    async with (
+        dial(
+            transport,
+            address,
+            attempts=config.reconnect_attempts,
+            initial_delay=config.reconnect_initial_delay,
+            max_delay=config.reconnect_max_delay,
+        ) as conn,
+        open_peer(
+            conn, max_message_size=config.max_message_size, send_queue_size=config.send_queue_size
+        ) as peer,
+    ):
+        yield peer
 
 
 @asynccontextmanager

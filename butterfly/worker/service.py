@@ -39,7 +39,7 @@ from ..protocol import (
     Result,
     StageSpec,
 )
-from ..transport import Connection, Peer, Transport, dial, open_peer
+from ..transport import Connection, Peer, Transport, dial_peer, open_peer
 
 __all__ = ["WorkerService"]
 
@@ -219,16 +219,7 @@ class WorkerService:
 
     async def _introduce(self, address: str) -> None:
         net = self.config.network
-        async with (
-            dial(
-                self.transport,
-                address,
-                attempts=net.reconnect_attempts,
-                initial_delay=net.reconnect_initial_delay,
-                max_delay=net.reconnect_max_delay,
-            ) as conn,
-            self._open_peer(conn) as peer,
-        ):
+        async with dial_peer(self.transport, address, net) as peer:
             check = Handshake(self.hello("member"), expect_roles=frozenset({"worker"}))
             hello = await peer.handshake(self.hello("member"), check, timeout=net.connect_timeout)
             self._learn_peers((hello.address, *hello.peers))
@@ -322,16 +313,7 @@ class WorkerService:
     async def _pull(self, upstream: StageSpec, ready: trio.Event) -> None:
         net = self.config.network
         assert self.info is not None
-        async with (
-            dial(
-                self.transport,
-                upstream.address,
-                attempts=net.reconnect_attempts,
-                initial_delay=net.reconnect_initial_delay,
-                max_delay=net.reconnect_max_delay,
-            ) as conn,
-            self._open_peer(conn) as peer,
-        ):
+        async with dial_peer(self.transport, upstream.address, net) as peer:
             check = Handshake(
                 self.hello("link"),
                 expect_roles=frozenset({"worker"}),

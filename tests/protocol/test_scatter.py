@@ -5,14 +5,25 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from butterfly.protocol import Activation, Hello, Result, array_to_wire, decode, encode, encode_parts
+from butterfly.protocol import (
+    Activation,
+    Hello,
+    Result,
+    array_to_wire,
+    decode,
+    encode,
+    encode_parts,
+)
 from butterfly.protocol.codec import SCATTER_THRESHOLD
 
 
 @pytest.mark.parametrize("n", [SCATTER_THRESHOLD // 4, SCATTER_THRESHOLD // 4 + 1, 1 << 20])
 def test_large_tensor_parts_concatenate_to_the_plain_encoding(n: int) -> None:
     array = np.arange(n, dtype=np.float32)
-    for message in (Activation(7, 2, 1, "c", array_to_wire(array)), Result(7, 2, array_to_wire(array))):
+    for message in (
+        Activation(7, 2, 1, "c", array_to_wire(array)),
+        Result(7, 2, array_to_wire(array)),
+    ):
         parts = encode_parts(message)
         assert len(parts) == 2
         assert b"".join(parts) == encode(message)
