@@ -6,7 +6,9 @@
 """
 
 from ._facade import AsyncButterfly as AsyncButterfly
+from ._facade import AsyncTaskHandle as AsyncTaskHandle
 from ._facade import Butterfly as Butterfly
+from ._facade import TaskHandle as TaskHandle
 from ._local import LocalCluster as LocalCluster
 from .config import ButterflyConfig as ButterflyConfig
 from .config import load_config as load_config
@@ -22,6 +24,7 @@ from .errors import PartitionError as PartitionError
 from .errors import ProtocolError as ProtocolError
 from .errors import RequestTimeout as RequestTimeout
 from .errors import SchedulingError as SchedulingError
+from .scheduling import TaskStatus as TaskStatus
 from .types import ClusterInfo as ClusterInfo
 from .types import StageInfo as StageInfo
 from .types import WorkerInfo as WorkerInfo

@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import trio
 
 from ._errors import collapse
+from ._inputs import InputKind, check_timeout, from_wire
 from ._local import LocalCluster
 from ._portal import Portal, refuse_inside_trio
 from .config import ButterflyConfig, load_config
-from .errors import ApiError, ButterflyError
+from .errors import ApiError, ButterflyError, RequestTimeout
+from .scheduling import InferenceTask, TaskStatus
 from .system import ButterflySystem
 from .transport import Transport, WebsocketTransport
 from .types import ClusterInfo
 
-__all__ = ["AsyncButterfly", "Butterfly"]
+__all__ = ["AsyncButterfly", "AsyncTaskHandle", "Butterfly", "TaskHandle"]
 
 T = TypeVar("T")
 
@@ -47,13 +50,6 @@ def _check_peers(peers: Iterable[str] | str, transport: Transport) -> tuple[str,
         except ButterflyError as exc:
             raise ApiError(str(exc)) from None
     return result
-
-
-def _check_timeout(timeout: float | None, what: str) -> None:
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
-    ):
-        raise ApiError(f"{what} must be a positive number of seconds or None, got {timeout!r}")
 
 
 class Butterfly:
@@ -89,7 +85,7 @@ class Butterfly:
         cfg = load_config(config)
         transport = transport or WebsocketTransport(cfg.network)
         seeds = _check_peers(peers, transport)
-        _check_timeout(timeout, "timeout")
+        check_timeout(timeout, "timeout")
         system = ButterflySystem(seeds, config=cfg, transport=transport)
         portal = Portal()
         portal.start(system.run, timeout=timeout or cfg.api.connect_timeout)
@@ -129,8 +125,36 @@ class Butterfly:
         Returns the output as the same kind, dtype and device that a local forward gives.
         """
         refuse_inside_trio("Butterfly.infer")
-        _check_timeout(timeout, "timeout")
+        check_timeout(timeout, "timeout")
         return self._portal.call(functools.partial(self._system.infer, timeout=timeout), x)
+
+    def submit(self, x: Any, *, priority: int = 0, timeout: float | None = None) -> TaskHandle:
+        """Queue ``x`` and return at once; ``handle.result()`` waits for the output.
+
+        ``priority`` matters with ``scheduling.scheduler_type = "priority"`` (higher first).
+        ``timeout`` (seconds, default ``api.request_timeout``) covers queueing and compute.
+        Raises ``SchedulingError`` at once when ``scheduling.max_queue_size`` tasks are pending.
+        """
+        refuse_inside_trio("Butterfly.submit")
+        future: concurrent.futures.Future[InferenceTask] = concurrent.futures.Future()
+
+        async def submit() -> tuple[InferenceTask, InputKind]:
+            task, kind = self._system.submit(x, priority=priority, timeout=timeout)
+            # Runs in the trio thread when the task finishes; Future is thread-safe.
+            task.on_done.append(future.set_result)
+            return task, kind
+
+        task, kind = self._portal.call(submit)
+        return TaskHandle(self, task.task_id, kind, future)
+
+    def infer_many(self, xs: Sequence[Any], *, timeout: float | None = None) -> list[Any]:
+        """Run a list of independent inputs through the pipeline concurrently; outputs in order.
+
+        If one fails, the others are cancelled and its error is raised.
+        """
+        refuse_inside_trio("Butterfly.infer_many")
+        check_timeout(timeout, "timeout")
+        return self._portal.call(functools.partial(self._system.infer_many, timeout=timeout), xs)
 
     def cluster(self) -> ClusterInfo:
         """The workers (id, address, state) and the current placement."""
@@ -157,6 +181,64 @@ class Butterfly:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class TaskHandle:
+    """A submitted request. Thread-safe; ``result`` may be called from any thread."""
+
+    def __init__(
+        self,
+        client: Butterfly,
+        task_id: int,
+        kind: InputKind,
+        future: concurrent.futures.Future[InferenceTask],
+    ) -> None:
+        self.task_id = task_id
+        self._client = client
+        self._kind = kind
+        self._future = future
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the output (in the input's kind and device) or raise the task's error.
+
+        ``timeout`` bounds this wait only: on expiry ``RequestTimeout`` is raised and the
+        task keeps running (``cancel()`` it if its answer is no longer wanted).
+        """
+        check_timeout(timeout, "timeout")
+        try:
+            task = self._future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise RequestTimeout(
+                f"task {self.task_id} has not finished within {timeout:g} s; it is still "
+                f"{self.status()} (cancel() it if its answer is no longer wanted)"
+            ) from None
+        if task.result is None:
+            assert task.error is not None
+            raise task.error
+        return from_wire(task.result, self._kind)
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def status(self) -> TaskStatus:
+        """Pending, Queued, Running, Completed, Failed or Cancelled."""
+        scheduling = self._client._system.scheduling
+        return self._client._portal.call(
+            _sync_to_async(lambda: scheduling.query_status(self.task_id))
+        )
+
+    def cancel(self) -> bool:
+        """Cancel the task if it is queued or running (its work is dropped on every worker).
+
+        Returns ``False`` if it had already finished.
+        """
+        scheduling = self._client._system.scheduling
+        return self._client._portal.call(
+            _sync_to_async(lambda: scheduling.cancel_task(self.task_id))
+        )
+
+    def __repr__(self) -> str:
+        return f"<TaskHandle {self.task_id} {'done' if self.done() else 'pending'}>"
 
 
 def _sync_to_async(fn: Callable[[], T]) -> Callable[[], Awaitable[T]]:
@@ -189,7 +271,7 @@ class AsyncButterfly:
         cfg = load_config(config)
         transport = transport or WebsocketTransport(cfg.network)
         seeds = _check_peers(peers, transport)
-        _check_timeout(timeout, "timeout")
+        check_timeout(timeout, "timeout")
         system = ButterflySystem(seeds, config=cfg, transport=transport)
         try:
             async with trio.open_nursery() as nursery:
@@ -210,11 +292,39 @@ class AsyncButterfly:
             raise collapse(group) from group
 
     async def infer(self, x: Any, *, timeout: float | None = None) -> Any:
-        _check_timeout(timeout, "timeout")
         return await self._system.infer(x, timeout=timeout)
+
+    async def submit(
+        self, x: Any, *, priority: int = 0, timeout: float | None = None
+    ) -> AsyncTaskHandle:
+        task, kind = self._system.submit(x, priority=priority, timeout=timeout)
+        return AsyncTaskHandle(self._system, task, kind)
+
+    async def infer_many(self, xs: Sequence[Any], *, timeout: float | None = None) -> list[Any]:
+        return await self._system.infer_many(xs, timeout=timeout)
 
     def cluster(self) -> ClusterInfo:
         return self._system.cluster()
 
     def metrics(self) -> dict[str, object]:
         return self._system.metrics.snapshot()
+
+
+class AsyncTaskHandle:
+    """A submitted request, for trio programs."""
+
+    def __init__(self, system: ButterflySystem, task: InferenceTask, kind: InputKind) -> None:
+        self.task_id = task.task_id
+        self._system = system
+        self._task = task
+        self._kind = kind
+
+    async def result(self) -> Any:
+        """Wait for the output or raise the task's error. Cancelling this wait cancels the task."""
+        return await self._system.result(self._task, self._kind)
+
+    def status(self) -> TaskStatus:
+        return self._task.status
+
+    def cancel(self) -> bool:
+        return self._system.scheduling.cancel_task(self.task_id)

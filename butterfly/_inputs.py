@@ -13,7 +13,7 @@ from .errors import ApiError, ProtocolError
 from .model.tensors import torch_from_wire, torch_to_wire
 from .protocol import InputSpec, WireTensor, array_from_wire, array_to_wire
 
-__all__ = ["InputKind", "check_input", "from_wire", "to_wire"]
+__all__ = ["InputKind", "check_input", "check_timeout", "from_wire", "to_wire"]
 
 
 @attrs.frozen
@@ -25,14 +25,19 @@ class InputKind:
 
 
 def to_wire(x: Any) -> tuple[WireTensor, InputKind]:
-    """Describe a numpy array or torch tensor for the wire; ``ApiError`` for anything else."""
+    """Copy a numpy array or torch tensor into a wire tensor; ``ApiError`` for anything else.
+
+    The copy lets the caller reuse its buffer as soon as ``submit`` returns.
+    """
     if isinstance(x, torch.Tensor):
         if x.is_complex() or x.is_sparse:
             raise ApiError(f"input tensor of dtype {x.dtype} / layout {x.layout} is not supported")
-        return torch_to_wire(x), InputKind(is_torch=True, device=x.device)
+        return torch_to_wire(x.detach().to("cpu", copy=True)), InputKind(
+            is_torch=True, device=x.device
+        )
     if isinstance(x, np.ndarray):
         try:
-            return array_to_wire(x), InputKind(is_torch=False)
+            return array_to_wire(np.array(x, copy=True, order="C")), InputKind(is_torch=False)
         except ProtocolError as exc:
             raise ApiError(f"input array: {exc}") from None
     raise ApiError(
@@ -80,3 +85,11 @@ def check_input(tensor: WireTensor, spec: InputSpec, *, max_bytes: int) -> None:
             f"input of {nbytes} bytes ({math.prod(shape)} elements) exceeds network.max_message_size "
             f"({max_bytes} bytes); raise it on the coordinator and every worker, or split the batch"
         )
+
+
+def check_timeout(timeout: float | None, what: str) -> None:
+    """``None`` or a positive number of seconds; ``ApiError`` naming the value otherwise."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise ApiError(f"{what} must be a positive number of seconds or None, got {timeout!r}")

@@ -58,14 +58,22 @@ class ApiConfig:
 
 @attrs.frozen
 class SchedulingConfig:
-    """How requests are queued and dispatched."""
+    """How requests are queued, batched and dispatched."""
 
-    #: ``fifo`` is the only policy of the walking skeleton.
-    scheduler_type: str = attrs.field(default="fifo", validator=v.in_(["fifo"]))
-    #: Requests waiting or running at once; ``infer`` beyond it raises ``SchedulingError``.
+    #: ``fifo`` (admission order) or ``priority`` (higher first, FIFO within a priority).
+    scheduler_type: str = attrs.field(default="fifo", validator=v.in_(["fifo", "priority"]))
+    #: With ``priority``: a task that has waited this many seconds runs next whatever its
+    #: priority, so no task starves for longer than this (plus the older tasks' dispatch).
+    starvation_s: float = attrs.field(default=10.0, validator=_positive_seconds)
+    #: Requests waiting or running at once; a submit beyond it raises ``SchedulingError``.
     max_queue_size: int = attrs.field(default=1024, validator=_positive)
-    #: Requests travelling through the pipeline at once (keeps every stage busy).
+    #: Batches travelling through the pipeline at once (keeps every stage busy).
     max_in_flight: int = attrs.field(default=8, validator=_positive)
+    #: Rows (along the batch dimension) that requests of the same shape may be merged into.
+    #: 1 disables micro-batching (the default: outputs then do not depend on what else ran).
+    dispatch_batch_size: int = attrs.field(default=1, validator=_positive)
+    #: How long the dispatcher waits for more requests to fill a micro-batch.
+    max_batch_wait_ms: float = attrs.field(default=0.0, validator=_non_negative_seconds)
 
 
 @attrs.frozen

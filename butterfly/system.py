@@ -10,17 +10,20 @@ assigned; ``aclose`` drains in-flight requests with a deadline, then cancels.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+import torch
 import trio
 
-from ._inputs import check_input, from_wire, to_wire
+from ._inputs import InputKind, check_input, check_timeout, from_wire, to_wire
 from .config import ButterflyConfig
 from .coordination import CoordinationService, Response
 from .errors import ApiError
 from .metrics import MetricsService
 from .partition import PartitionService
-from .scheduling import SchedulingService
+from .scheduling import InferenceTask, SchedulingService
 from .transport import Transport, WebsocketTransport
 from .types import ClusterInfo
 
@@ -73,18 +76,47 @@ class ButterflySystem:
         """Ask :meth:`run` to drain and return."""
         self._stop.set()
 
-    async def infer(self, x: Any, *, timeout: float | None = None) -> Any:
-        """Run ``x`` through the pipeline; returns the output in ``x``'s kind and device."""
-        if timeout is not None and not timeout > 0:
-            raise ApiError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    def submit(
+        self, x: Any, *, priority: int = 0, timeout: float | None = None
+    ) -> tuple[InferenceTask, InputKind]:
+        """Validate ``x`` and queue it; returns the task and how to convert its output back."""
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ApiError(f"priority must be an int, got {priority!r}")
+        check_timeout(timeout, "timeout")
         tensor, kind = to_wire(x)
         check_input(
             tensor, self.coordination.input_spec, max_bytes=self.config.network.max_message_size
         )
-        result = await self.scheduling.infer(
-            tensor, timeout=timeout or self.config.api.request_timeout
+        task = self.scheduling.submit_task(
+            tensor, priority=priority, timeout=timeout or self.config.api.request_timeout
         )
-        return from_wire(result, kind)
+        return task, kind
+
+    async def result(self, task: InferenceTask, kind: InputKind) -> Any:
+        """Wait for ``task``; its output in the caller's kind and device, or its error."""
+        return from_wire(await self.scheduling.wait(task), kind)
+
+    async def infer(self, x: Any, *, timeout: float | None = None) -> Any:
+        """Run ``x`` through the pipeline; returns the output in ``x``'s kind and device."""
+        task, kind = self.submit(x, timeout=timeout)
+        return await self.result(task, kind)
+
+    async def infer_many(self, xs: Sequence[Any], *, timeout: float | None = None) -> list[Any]:
+        """Run independent inputs concurrently (pipelined, batched when allowed); outputs in order.
+
+        If one fails, the others are cancelled and its error is raised.
+        """
+        if isinstance(xs, np.ndarray | torch.Tensor) or not isinstance(xs, Sequence):
+            raise ApiError(f"infer_many expects a list of inputs, got {type(xs).__name__}")
+        submitted: list[tuple[InferenceTask, InputKind]] = []
+        try:
+            for x in xs:
+                submitted.append(self.submit(x, timeout=timeout))
+            return [await self.result(task, kind) for task, kind in submitted]
+        finally:
+            for task, _ in submitted:
+                if not task.status.final:
+                    self.scheduling.cancel_task(task.task_id)
 
     def cluster(self) -> ClusterInfo:
         return self.coordination.cluster()

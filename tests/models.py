@@ -43,6 +43,12 @@ def slow_mlp() -> nn.Sequential:
     return nn.Sequential(base[0], base[1], Sleep(1.5), base[2], base[3], base[4])
 
 
+def sleepy() -> nn.Sequential:
+    """Three (Linear, 0.5 s pause) pairs: on 3 workers every stage takes 0.5 s without using the CPU."""
+    base = mlp()
+    return nn.Sequential(base[0], Sleep(0.5), base[2], Sleep(0.5), base[4], Sleep(0.5))
+
+
 def raising() -> nn.Sequential:
     """``mlp`` whose third layer raises on inputs holding a NaN (it propagates from the input)."""
     base = mlp()

@@ -57,7 +57,10 @@ def test_out_of_range_value_is_named() -> None:
 
 
 def test_unknown_choice_lists_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match=r"scheduling\.scheduler_type: must be in \['fifo'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"scheduling\.scheduler_type: must be in \['fifo', 'priority'\] \(got 'lifo'\)",
+    ):
         load_config({"scheduling": {"scheduler_type": "lifo"}})
 
 

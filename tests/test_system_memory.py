@@ -12,7 +12,7 @@ import torch
 import trio
 
 from butterfly import AsyncButterfly
-from butterfly.config import ButterflyConfig, load_config
+from butterfly.config import load_config
 from butterfly.errors import (
     ApiError,
     ComputeError,
@@ -23,41 +23,10 @@ from butterfly.errors import (
     SchedulingError,
 )
 from butterfly.model import ModelSource
-from butterfly.model.zoo import mlp
 from butterfly.transport import MemoryNetwork
 from butterfly.types import WorkerState
 from butterfly.worker import WorkerService
-
-FAST = {"coordination": {"heartbeat_interval": 0.2, "failure_timeout": 2.0}}
-
-
-async def start_workers(
-    nursery: trio.Nursery,
-    net: MemoryNetwork,
-    model: str,
-    n: int = 3,
-    config: ButterflyConfig | None = None,
-) -> list[WorkerService]:
-    """Worker 0 alone, the others with ``--peers`` worker 0 (as LocalCluster does)."""
-    workers: list[WorkerService] = []
-    for i in range(n):
-        peers = ("mem://w0",) if i else ()
-        worker = WorkerService(
-            ModelSource(model),
-            transport=net,
-            listen=f"mem://w{i}",
-            peers=peers,
-            config=config or load_config(FAST),
-        )
-        await nursery.start(worker.run)
-        workers.append(worker)
-    await trio.sleep(0.05)  # let the announcements land
-    return workers
-
-
-def local_forward(x: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        return mlp()(x)
+from tests.inmemory import FAST, local_forward, start_workers
 
 
 async def test_infer_through_three_workers_equals_the_local_forward() -> None:

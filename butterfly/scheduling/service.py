@@ -1,16 +1,23 @@
-"""The scheduling service: admits requests, dispatches them into the pipeline, routes results back.
+"""The scheduling service: admits tasks, batches and dispatches them into the pipeline, routes results.
 
-Up to ``scheduling.max_in_flight`` requests travel through the stages at once, so
-every stage can work while the others do; results are matched to their callers by
-request id whatever order they arrive in. A request's deadline covers queueing,
-placement and compute; when it passes, the workers are told to drop the request.
+    submit_task ─▶ policy queue ─▶ dispatcher ─(≤ max_in_flight batches)─▶ stage 0 … last stage
+                     (fifo/priority)  (micro-batching)                            │
+    task.done ◀── split rows ◀── Result / Error / WorkerLost (memory channel) ◀───┘
+
+Up to ``scheduling.max_in_flight`` batches travel through the stages at once, so every
+stage works while the others do; results are matched to their batch by request id,
+whatever order they arrive in. A task's deadline covers queueing and compute: when it
+passes the task fails with ``RequestTimeout``, and once no task of a batch is waiting
+for it any more the workers are told to drop the batch's remaining work.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
-import time
+import math
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -20,6 +27,7 @@ from ..coordination import CoordinationService, Placement, Response, WorkerLost,
 from ..errors import (
     ApiError,
     ButterflyError,
+    ComputeError,
     NetworkError,
     RequestTimeout,
     SchedulingError,
@@ -27,30 +35,40 @@ from ..errors import (
 )
 from ..metrics import MetricsSink, RequestCompleted, RequestFailed
 from ..protocol import Activation, Cancel, Error, Result, WireTensor
+from .batching import batch_key, concat, split
+from .policy import make_policy
+from .task import InferenceTask, TaskStatus
 
 __all__ = ["SchedulingService"]
 
 log = logging.getLogger(__name__)
 
+#: Finished tasks remembered for ``query_status``.
+_FINISHED_MEMORY = 10_000
+
 
 @attrs.define(eq=False)
-class _Pending:
+class _Batch:
+    """Tasks sharing one trip through the pipeline under one request id."""
+
     request_id: int
-    placement: Placement
-    done: trio.Event = attrs.field(factory=trio.Event)
+    tasks: list[InferenceTask]
+    placement: Placement | None = None
+    #: Set on the outcome, and whenever one of its tasks is cancelled or expires.
+    wake: trio.Event = attrs.field(factory=trio.Event)
     result: WireTensor | None = None
     error: ButterflyError | None = None
 
-    def resolve(
-        self, result: WireTensor | None = None, error: ButterflyError | None = None
-    ) -> None:
-        if not self.done.is_set():
-            self.result, self.error = result, error
-            self.done.set()
+    @property
+    def answered(self) -> bool:
+        return self.result is not None or self.error is not None
+
+    def live(self) -> list[InferenceTask]:
+        return [t for t in self.tasks if not t.status.final]
 
 
 class SchedulingService:
-    """FIFO admission with a bounded queue and a bounded number of requests in flight."""
+    """Admission (bounded queue, policy), dispatch (pipelining, micro-batching), deadlines, cancellation."""
 
     def __init__(
         self,
@@ -64,118 +82,311 @@ class SchedulingService:
         self.coordination = coordination
         self.metrics = metrics
         self._responses = responses
-        self._ids = itertools.count(1)
+        self._task_ids = itertools.count(1)
+        self._request_ids = itertools.count(1)
+        self._policy = make_policy(config.scheduler_type, starvation_s=config.starvation_s)
+        self._tasks: dict[int, InferenceTask] = {}  # admitted: queued or running
+        self._finished: collections.OrderedDict[int, TaskStatus] = collections.OrderedDict()
+        self._batches: dict[int, _Batch] = {}
+        self._running: dict[int, _Batch] = {}  # task id → its batch
         self._slots = trio.Semaphore(config.max_in_flight)
-        self._admitted = 0
-        self._pending: dict[int, _Pending] = {}
+        self._queue_changed = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
+        self._nursery: trio.Nursery | None = None
         self.closing = False
 
+    # -- lifecycle ---------------------------------------------------------------------
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Route worker responses to the waiting requests until cancelled."""
-        task_status.started()
-        async for response in self._responses:
-            self._route(response)
+        """Route worker responses and dispatch queued tasks until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._route_responses)
+            nursery.start_soon(self._dispatch_loop)
+            task_status.started()
 
-    def _route(self, response: Response) -> None:
-        match response:
-            case Result(request_id=rid, epoch=epoch, tensor=tensor):
-                pending = self._pending.get(rid)
-                if pending is not None and pending.placement.epoch == epoch:
-                    pending.resolve(result=tensor)
-            case Error(request_id=rid):
-                pending = self._pending.get(rid)
-                if pending is not None:
-                    pending.resolve(error=error_from_wire(response))
-            case WorkerLost(node_id=node, address=address, reason=reason):
-                for pending in list(self._pending.values()):
-                    if node in pending.placement.nodes:
-                        pending.resolve(
-                            error=NetworkError(
-                                f"worker {node} at {address} was lost during request "
-                                f"{pending.request_id}: {reason}"
-                            )
-                        )
+    async def drain(self, timeout: float) -> None:
+        """Refuse new tasks and wait up to ``timeout`` seconds for the admitted ones."""
+        self.closing = True
+        with trio.move_on_after(timeout):
+            await self._idle.wait()
 
-    async def infer(self, tensor: WireTensor, *, timeout: float) -> WireTensor:
-        """Run one request through the pipeline; raises a ``ButterflyError`` on any failure."""
+    # -- the seed's interface: submit_task, query_status, cancel_task -----------------------
+
+    def submit_task(
+        self, tensor: WireTensor, *, priority: int = 0, timeout: float | None = None
+    ) -> InferenceTask:
+        """Admit a task; raises ``SchedulingError`` at once when the queue is full."""
         if self.closing:
             raise ApiError("this Butterfly is closing; it accepts no new requests")
-        if self._admitted >= self.config.max_queue_size:
+        if len(self._tasks) >= self.config.max_queue_size:
             raise SchedulingError(
-                f"queue full: {self._admitted} requests are waiting or running "
+                f"queue full: {len(self._tasks)} requests are waiting or running "
                 f"(scheduling.max_queue_size = {self.config.max_queue_size})"
             )
-        request_id = next(self._ids)
-        self._admitted += 1
+        now = trio.current_time()
+        task = InferenceTask(
+            task_id=next(self._task_ids),
+            input=tensor,
+            priority=priority,
+            deadline=now + timeout if timeout is not None else None,
+            submitted_at=now,
+            status=TaskStatus.QUEUED,
+        )
+        task.on_done.append(self._on_task_done)
+        self._tasks[task.task_id] = task
         self._idle = trio.Event() if self._idle.is_set() else self._idle
-        start = time.perf_counter()
-        try:
-            with trio.move_on_after(timeout) as deadline:
-                result = await self._dispatch(request_id, tensor)
-            if deadline.cancelled_caught:
-                raise RequestTimeout(
-                    f"request {request_id} did not complete within {timeout:g} s; "
-                    "its work was cancelled on the workers"
-                )
-        except ButterflyError as exc:
-            self.metrics.emit(RequestFailed(request_id, error_kind(exc)))
-            raise
-        except trio.Cancelled:  # the caller gave up (Ctrl-C, an outer timeout)
-            self.metrics.emit(RequestFailed(request_id, "cancelled"))
-            raise
-        finally:
-            self._admitted -= 1
-            if self._admitted == 0:
-                self._idle.set()
-        batch = tensor.shape[0] if tensor.shape else 1
-        self.metrics.emit(RequestCompleted(request_id, time.perf_counter() - start, batch))
-        return result
+        self._policy.push(task)
+        self._signal_queue()
+        return task
 
-    async def _dispatch(self, request_id: int, tensor: WireTensor) -> WireTensor:
-        async with self._slots:
-            placement = await self.coordination.ensure_placement()
-            pending = _Pending(request_id, placement)
-            self._pending[request_id] = pending
+    def query_status(self, task_id: int) -> TaskStatus:
+        task = self._tasks.get(task_id)
+        if task is not None:
+            return task.status
+        try:
+            return self._finished[task_id]
+        except KeyError:
+            raise SchedulingError(f"unknown task id {task_id}") from None
+
+    def cancel_task(self, task_id: int) -> bool:
+        """Cancel a queued or running task; ``False`` if it had already finished."""
+        task = self._tasks.get(task_id)
+        if task is None:
+            if task_id in self._finished:
+                return False
+            raise SchedulingError(f"unknown task id {task_id}")
+        batch = self._running.get(task_id)  # look it up first: finishing forgets it
+        cancelled = task.finish(
+            TaskStatus.CANCELLED, error=ApiError(f"task {task_id} was cancelled")
+        )
+        if batch is not None:
+            batch.wake.set()  # the batch may have no one left waiting for it
+        return cancelled
+
+    async def wait(self, task: InferenceTask) -> WireTensor:
+        """The task's output, or its error. Cancelling the wait cancels the task."""
+        try:
+            await task.done.wait()
+        except trio.Cancelled:
+            self.cancel_task(task.task_id)
+            raise
+        if task.result is None:
+            assert task.error is not None
+            raise task.error
+        return task.result
+
+    async def infer(self, tensor: WireTensor, *, timeout: float) -> WireTensor:
+        """Submit and wait: one blocking request."""
+        return await self.wait(self.submit_task(tensor, timeout=timeout))
+
+    def _on_task_done(self, task: InferenceTask) -> None:
+        self._tasks.pop(task.task_id, None)
+        self._running.pop(task.task_id, None)
+        self._finished[task.task_id] = task.status
+        while len(self._finished) > _FINISHED_MEMORY:
+            self._finished.popitem(last=False)
+        if task.status is TaskStatus.COMPLETED:
+            latency = trio.current_time() - task.submitted_at
+            self.metrics.emit(RequestCompleted(task.task_id, latency, task.rows))
+        else:
+            kind = (
+                "cancelled"
+                if task.status is TaskStatus.CANCELLED
+                else error_kind(task.error or ButterflyError())
+            )
+            self.metrics.emit(RequestFailed(task.task_id, kind))
+        if not self._tasks:
+            self._idle.set()
+
+    # -- dispatch ----------------------------------------------------------------------
+
+    def _signal_queue(self) -> None:
+        self._queue_changed.set()
+        self._queue_changed = trio.Event()
+
+    def _expire(self, task: InferenceTask) -> None:
+        assert task.deadline is not None
+        timeout = task.deadline - task.submitted_at
+        task.finish(
+            TaskStatus.FAILED,
+            error=RequestTimeout(
+                f"request {task.task_id} did not complete within {timeout:g} s; its work was cancelled"
+            ),
+        )
+
+    def _next_task(
+        self, predicate: Callable[[InferenceTask], bool] | None = None
+    ) -> InferenceTask | None:
+        """Pop the next runnable task, failing the ones whose deadline passed in the queue."""
+        now = trio.current_time()
+        while True:
+            task = self._policy.pop(now) if predicate is None else self._policy.take(predicate, now)
+            if task is None or task.deadline is None or task.deadline > now:
+                return task
+            self._expire(task)
+
+    async def _dispatch_loop(self) -> None:
+        assert self._nursery is not None
+        while True:
+            await self._slots.acquire()
+            task = self._next_task()
+            while task is None:
+                await self._queue_changed.wait()
+                task = self._next_task()
+            tasks = await self._gather_batch(task)
+            batch = _Batch(request_id=next(self._request_ids), tasks=tasks)
+            for t in tasks:
+                t.status = TaskStatus.RUNNING
+                self._running[t.task_id] = batch
+            self._nursery.start_soon(self._run_batch, batch)
+
+    async def _gather_batch(self, first: InferenceTask) -> list[InferenceTask]:
+        """Add compatible queued tasks (arriving within ``max_batch_wait_ms``) up to the row limit."""
+        limit = self.config.dispatch_batch_size
+        tasks, rows = [first], first.rows
+        if rows >= limit:
+            return tasks
+        key = batch_key(first.input)
+
+        def fits(t: InferenceTask) -> bool:
+            return batch_key(t.input) == key and rows + t.rows <= limit
+
+        deadline = trio.current_time() + self.config.max_batch_wait_ms / 1000
+        while rows < limit:
+            more = self._next_task(fits)
+            if more is not None:
+                tasks.append(more)
+                rows += more.rows
+                continue
+            if trio.current_time() >= deadline:
+                break
+            with trio.move_on_at(deadline):
+                await self._queue_changed.wait()
+        return tasks
+
+    async def _run_batch(self, batch: _Batch) -> None:
+        try:
+            await self._execute(batch)
+            if (
+                batch.error is not None
+                and isinstance(batch.error, ComputeError)
+                and len(batch.live()) > 1
+            ):
+                # One request's bad input must not fail the requests it was batched with.
+                await self._retry_one_by_one(batch)
+                return
+            self._settle(batch)
+        finally:
+            self._slots.release()
+
+    async def _retry_one_by_one(self, batch: _Batch) -> None:
+        for task in batch.live():
+            single = _Batch(request_id=next(self._request_ids), tasks=[task])
+            self._running[task.task_id] = single
+            await self._execute(single)
+            self._settle(single)
+
+    async def _execute(self, batch: _Batch) -> None:
+        """Send the batch into the pipeline and wait for its outcome, its tasks' deadlines or cancellation."""
+        try:
+            batch.placement = await self.coordination.ensure_placement()
+            tensor = concat([t.input for t in batch.tasks])
+            self._batches[batch.request_id] = batch
             try:
-                first = placement.stages[0]
+                first = batch.placement.stages[0]
                 await self.coordination.send(
                     first.node_id,
                     Activation(
-                        request_id=request_id,
-                        epoch=placement.epoch,
+                        request_id=batch.request_id,
+                        epoch=batch.placement.epoch,
                         stage=0,
                         origin=self.coordination.node_id,
                         tensor=tensor,
                     ),
                 )
-                await pending.done.wait()
+                await self._await_outcome(batch)
             finally:
-                del self._pending[request_id]
-                if not pending.done.is_set():
-                    # Timed out or cancelled: free the work on every worker of the placement.
+                del self._batches[batch.request_id]
+                if not batch.answered:
                     with trio.CancelScope(shield=True), trio.move_on_after(1):
-                        await self._cancel_on_workers(request_id, placement)
-        if pending.error is not None:
-            raise pending.error
-        assert pending.result is not None
-        return pending.result
+                        await self._cancel_on_workers(batch)
+        except ButterflyError as exc:
+            batch.error = batch.error or exc
 
-    async def _cancel_on_workers(self, request_id: int, placement: Placement) -> None:
-        for node in placement.nodes:
+    async def _await_outcome(self, batch: _Batch) -> None:
+        while not batch.answered:
+            live = batch.live()
+            if not live:
+                return  # every task was cancelled or expired: nobody waits for this batch
+            deadlines = [t.deadline for t in live if t.deadline is not None]
+            with trio.move_on_at(min(deadlines) if deadlines else math.inf):
+                await batch.wake.wait()
+            batch.wake = trio.Event()
+            now = trio.current_time()
+            for task in live:
+                if task.deadline is not None and task.deadline <= now:
+                    self._expire(task)
+
+    def _settle(self, batch: _Batch) -> None:
+        live = batch.live()
+        if batch.error is not None:
+            for task in live:
+                task.finish(TaskStatus.FAILED, error=batch.error)
+            return
+        if batch.result is None:
+            return
+        try:
+            outputs = split(batch.result, [t.rows for t in batch.tasks])
+        except ButterflyError as exc:
+            for task in live:
+                task.finish(TaskStatus.FAILED, error=exc)
+            return
+        for task, output in zip(batch.tasks, outputs, strict=True):
+            task.finish(TaskStatus.COMPLETED, result=output)
+
+    async def _cancel_on_workers(self, batch: _Batch) -> None:
+        if batch.placement is None:
+            return
+        for node in batch.placement.nodes:
             try:
                 await self.coordination.send(
-                    node, Cancel(request_id=request_id, origin=self.coordination.node_id)
+                    node, Cancel(request_id=batch.request_id, origin=self.coordination.node_id)
                 )
             except ButterflyError:
                 pass
 
-    async def drain(self, timeout: float) -> None:
-        """Refuse new requests and wait up to ``timeout`` seconds for the admitted ones."""
-        self.closing = True
-        with trio.move_on_after(timeout):
-            await self._idle.wait()
+    # -- responses from the workers ------------------------------------------------------------
+
+    async def _route_responses(self) -> None:
+        async for response in self._responses:
+            match response:
+                case Result(request_id=rid, epoch=epoch, tensor=tensor):
+                    batch = self._batches.get(rid)
+                    if (
+                        batch is not None
+                        and batch.placement is not None
+                        and batch.placement.epoch == epoch
+                    ):
+                        batch.result = tensor
+                        batch.wake.set()
+                case Error(request_id=rid):
+                    batch = self._batches.get(rid)
+                    if batch is not None:
+                        batch.error = error_from_wire(response)
+                        batch.wake.set()
+                case WorkerLost(node_id=node, address=address, reason=reason):
+                    for batch in list(self._batches.values()):
+                        if batch.placement is not None and node in batch.placement.nodes:
+                            batch.error = NetworkError(
+                                f"worker {node} at {address} was lost during request {batch.request_id}: {reason}"
+                            )
+                            batch.wake.set()
 
     def statistics(self) -> dict[str, int]:
-        return {"admitted": self._admitted, "in_flight": len(self._pending)}
+        return {
+            "admitted": len(self._tasks),
+            "queued": len(self._policy),
+            "running_batches": len(self._batches),
+        }

@@ -90,7 +90,9 @@ class WorkerService:
         self._assign_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self._in_flight = trio.Semaphore(4 * self.config.scheduling.max_in_flight)
-        self.on_event: Callable[[str], None] = lambda _event: None
+        #: Stage computations done, and requests dropped because they were cancelled.
+        self.computed = 0
+        self.dropped = 0
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -160,7 +162,6 @@ class WorkerService:
     async def _serve_coordinator(self, peer: Peer, hello: Hello) -> None:
         origin = hello.node_id
         self._coordinators[origin] = peer
-        self.on_event(f"coordinator-connected:{origin}")
         try:
             while True:
                 message = await _receive_or_none(peer)
@@ -252,7 +253,6 @@ class WorkerService:
                             await self._ensure_upstream_link(upstream)
                 self._plans[origin] = _Plan(assign.epoch, assign.stages)
                 self._release_unused_stages()
-            self.on_event(f"assigned:{origin}:{assign.epoch}")
             if peer is not None:
                 await peer.send(Assigned(epoch=assign.epoch, node_id=self.node_id))
         except ButterflyError as exc:
@@ -359,6 +359,7 @@ class WorkerService:
             )
         while True:
             if (origin, rid) in self._cancelled:
+                self.dropped += 1
                 return
             spec = plan.stages[stage]
             runtime = self._runtimes[(spec.start, spec.stop)]
@@ -371,7 +372,9 @@ class WorkerService:
                     f"stage {stage} (layers {spec.start}..{spec.stop - 1}) on worker "
                     f"{self.node_id} raised {type(exc).__name__}: {exc}"
                 ) from exc
+            self.computed += 1
             if (origin, rid) in self._cancelled:
+                self.dropped += 1
                 return
             stage += 1
             if stage == len(plan.stages):
@@ -439,6 +442,8 @@ class WorkerService:
             "downstream": sorted(self._downstream),
             "upstream": sorted(self._upstream),
             "threads": torch.get_num_threads(),
+            "computed": self.computed,
+            "dropped": self.dropped,
         }
 
 

@@ -1,0 +1,43 @@
+"""Helpers for tests that run workers and a coordinator in one process over the in-memory transport."""
+
+from __future__ import annotations
+
+import torch
+import trio
+
+from butterfly.config import ButterflyConfig, load_config
+from butterfly.model import ModelSource
+from butterfly.model.zoo import mlp
+from butterfly.transport import MemoryNetwork
+from butterfly.worker import WorkerService
+
+FAST = {"coordination": {"heartbeat_interval": 0.2, "failure_timeout": 2.0}}
+
+
+async def start_workers(
+    nursery: trio.Nursery,
+    net: MemoryNetwork,
+    model: str,
+    n: int = 3,
+    config: ButterflyConfig | None = None,
+) -> list[WorkerService]:
+    """Worker 0 alone, the others with ``--peers`` worker 0 (as LocalCluster does)."""
+    workers: list[WorkerService] = []
+    for i in range(n):
+        peers = ("mem://w0",) if i else ()
+        worker = WorkerService(
+            ModelSource(model),
+            transport=net,
+            listen=f"mem://w{i}",
+            peers=peers,
+            config=config or load_config(FAST),
+        )
+        await nursery.start(worker.run)
+        workers.append(worker)
+    await trio.sleep(0.05)  # let the announcements land
+    return workers
+
+
+def local_forward(x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return mlp()(x)
