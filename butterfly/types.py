@@ -8,9 +8,98 @@ import attrs
 
 from .protocol import InputSpec
 
-__all__ = ["ClusterInfo", "NodeId", "StageInfo", "WorkerInfo", "WorkerState"]
+__all__ = [
+    "ClusterInfo",
+    "LayerInfo",
+    "Link",
+    "ModelPartition",
+    "NodeCapability",
+    "NodeId",
+    "PartitionQuality",
+    "StageInfo",
+    "Topology",
+    "WorkerInfo",
+    "WorkerState",
+]
 
 NodeId = str
+
+
+@attrs.frozen
+class LayerInfo:
+    """One layer as the planner sees it.
+
+    ``compute_cost`` is milliseconds per request on a node of ``compute_power`` 1.0;
+    ``memory_bytes`` its weights (and buffers); ``output_bytes`` its activation per request.
+    """
+
+    id: int
+    compute_cost: float
+    memory_bytes: int
+    output_bytes: int
+
+
+@attrs.frozen
+class NodeCapability:
+    """One worker as the planner sees it: relative speed and free memory."""
+
+    node_id: NodeId
+    #: Relative speed: a layer of ``compute_cost`` c takes c / compute_power ms here.
+    compute_power: float
+    memory_bytes: int
+    address: str = ""
+
+
+@attrs.frozen
+class Link:
+    bandwidth_bytes_per_s: float
+    latency_s: float
+
+    def transfer_ms(self, nbytes: int) -> float:
+        return (nbytes / self.bandwidth_bytes_per_s + self.latency_s) * 1000
+
+
+@attrs.frozen
+class Topology:
+    """Measured links between nodes (directed: from sender to receiver); others use ``default``."""
+
+    links: tuple[tuple[NodeId, NodeId, Link], ...] = ()
+    default: Link = Link(bandwidth_bytes_per_s=1e9, latency_s=1e-4)
+
+    def link(self, sender: NodeId, receiver: NodeId) -> Link:
+        for a, b, link in self.links:
+            if (a, b) == (sender, receiver):
+                return link
+        return self.default
+
+
+@attrs.frozen
+class ModelPartition:
+    """One stage of a plan: ``layer_range`` on ``assigned_node``, taking ``estimated_time_ms`` per request
+    (its compute plus sending its output to the next stage)."""
+
+    id: int
+    layer_range: range
+    assigned_node: NodeId
+    estimated_time_ms: float
+
+
+@attrs.frozen
+class PartitionQuality:
+    """How good a plan is, computed from the plan and its inputs.
+
+    ``load_balance``: fastest stage time / slowest stage time (1.0 is perfect balance);
+    ``communication_volume_mb``: activation megabytes crossing stage boundaries per request;
+    ``peak_memory_gb``: the most weight memory any node holds;
+    ``estimated_latency_ms``: one request's time through every stage and transfer;
+    ``estimated_throughput_rps``: requests per second when pipelined (1000 / slowest stage).
+    """
+
+    load_balance: float
+    communication_volume_mb: float
+    peak_memory_gb: float
+    estimated_latency_ms: float
+    estimated_throughput_rps: float
 
 
 class WorkerState(enum.StrEnum):
