@@ -24,7 +24,9 @@ __all__ = ["CostModel"]
 class CostModel:
     """Precomputed stage and transfer times for ``layers`` on ``nodes``."""
 
-    def __init__(self, layers: Sequence[LayerInfo], nodes: Sequence[NodeCapability], topology: Topology) -> None:
+    def __init__(
+        self, layers: Sequence[LayerInfo], nodes: Sequence[NodeCapability], topology: Topology
+    ) -> None:
         self.layers = list(layers)
         self.nodes = list(nodes)
         self.topology = topology
@@ -34,7 +36,9 @@ class CostModel:
         mem = np.array([layer.memory_bytes for layer in self.layers], dtype=np.float64)
         self.prefix_cost = np.concatenate([[0.0], np.cumsum(cost)])
         self.prefix_mem = np.concatenate([[0.0], np.cumsum(mem)])
-        self.output_bytes = np.array([layer.output_bytes for layer in self.layers], dtype=np.float64)
+        self.output_bytes = np.array(
+            [layer.output_bytes for layer in self.layers], dtype=np.float64
+        )
         power = np.array([node.compute_power for node in self.nodes], dtype=np.float64)
         capacity = np.array([node.memory_bytes for node in self.nodes], dtype=np.float64)
         # work[i, j] = cost of layers [i, j); inf where j <= i.

@@ -42,7 +42,8 @@ def _combine(objective: str, acc: np.ndarray, stage: np.ndarray) -> np.ndarray:
 def evaluate(plan: Sequence[Stage], costs: CostModel, objective: str) -> float:
     """The plan's cost: its slowest stage (throughput) or the sum of its stages (latency)."""
     times = [
-        costs.stage_ms(a, i, j, plan[s + 1][0] if s + 1 < len(plan) else None) for s, (a, i, j) in enumerate(plan)
+        costs.stage_ms(a, i, j, plan[s + 1][0] if s + 1 < len(plan) else None)
+        for s, (a, i, j) in enumerate(plan)
     ]
     return max(times) if objective == "throughput" else sum(times)
 
@@ -100,7 +101,9 @@ def exact_plan(costs: CostModel, objective: str) -> tuple[float, list[Stage]]:
     return final_value, plan
 
 
-def ordered_plan(costs: CostModel, order: Sequence[int], objective: str) -> tuple[float, list[Stage]]:
+def ordered_plan(
+    costs: CostModel, order: Sequence[int], objective: str
+) -> tuple[float, list[Stage]]:
     """The optimal plan whose stages use nodes in ``order`` (any of them may be skipped)."""
     n, m = costs.num_layers, len(order)
     best = np.full((m, n + 1), np.inf)  # best[p, j]: next stage starts at j on order[p]

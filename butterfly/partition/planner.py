@@ -1,7 +1,7 @@
 """The public planning API: ``plan`` and ``estimate_quality``.
 
-    >>> partitions = plan(layers, nodes, "topology_aware", objective="throughput")
-    >>> estimate_quality(partitions, layers, nodes).estimated_throughput_rps
+>>> partitions = plan(layers, nodes, "topology_aware", objective="throughput")
+>>> estimate_quality(partitions, layers, nodes).estimated_throughput_rps
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ class PartitionStrategy(enum.StrEnum):
     TOPOLOGY_AWARE = "topology_aware"  # optimal for the cost model (dp.py)
 
 
-def _check(layers: Sequence[LayerInfo], nodes: Sequence[NodeCapability], strategy: str, objective: str) -> None:
+def _check(
+    layers: Sequence[LayerInfo], nodes: Sequence[NodeCapability], strategy: str, objective: str
+) -> None:
     if strategy not in {s.value for s in PartitionStrategy}:
         known = ", ".join(s.value for s in PartitionStrategy)
         raise PartitionError(f"unknown strategy {strategy!r}; known: {known}")
@@ -44,7 +46,9 @@ def _check(layers: Sequence[LayerInfo], nodes: Sequence[NodeCapability], strateg
         raise PartitionError(f"node ids must be unique, got {ids}")
     for node in nodes:
         if not node.compute_power > 0:
-            raise PartitionError(f"node {node.node_id!r} has compute_power {node.compute_power}; expected > 0")
+            raise PartitionError(
+                f"node {node.node_id!r} has compute_power {node.compute_power}; expected > 0"
+            )
 
 
 def _missing_memory(layers: Sequence[LayerInfo], nodes: Sequence[NodeCapability]) -> str:
@@ -120,7 +124,11 @@ def plan(
     costs = CostModel(layers, nodes, topology or Topology())
     if strategy == PartitionStrategy.TOPOLOGY_AWARE:
         exact = costs.num_nodes <= EXACT_MAX_NODES
-        value, stages = exact_plan(costs, objective) if exact else search_orders(costs, objective, HEURISTIC_BUDGET_S)
+        value, stages = (
+            exact_plan(costs, objective)
+            if exact
+            else search_orders(costs, objective, HEURISTIC_BUDGET_S)
+        )
         if not stages or not np.isfinite(value):
             raise PartitionError(f"cannot place the model: {_missing_memory(layers, nodes)}")
     else:
@@ -137,7 +145,9 @@ def plan(
                     f"on node {node.node_id!r}, which has {node.memory_bytes}: "
                     f"{need - node.memory_bytes:.0f} bytes missing there"
                 )
-            raise PartitionError(f"cannot place the model with {strategy}: {_missing_memory(layers, nodes)}")
+            raise PartitionError(
+                f"cannot place the model with {strategy}: {_missing_memory(layers, nodes)}"
+            )
     return _partitions(stages, costs)
 
 
@@ -168,11 +178,16 @@ def estimate_quality(
     costs = CostModel(layers, nodes, topology or Topology())
     index = {node.node_id: a for a, node in enumerate(nodes)}
     try:
-        stages = [(index[p.assigned_node], p.layer_range.start, p.layer_range.stop) for p in partitions]
+        stages = [
+            (index[p.assigned_node], p.layer_range.start, p.layer_range.stop) for p in partitions
+        ]
     except KeyError as exc:
-        raise PartitionError(f"plan uses node {exc.args[0]!r}, which is not among the nodes given") from None
+        raise PartitionError(
+            f"plan uses node {exc.args[0]!r}, which is not among the nodes given"
+        ) from None
     times = [
-        costs.stage_ms(a, i, j, stages[s + 1][0] if s + 1 < len(stages) else None) for s, (a, i, j) in enumerate(stages)
+        costs.stage_ms(a, i, j, stages[s + 1][0] if s + 1 < len(stages) else None)
+        for s, (a, i, j) in enumerate(stages)
     ]
     memory: dict[int, float] = {}
     for a, i, j in stages:
