@@ -36,7 +36,8 @@ Stage = tuple[int, int, int]  # (node index, first layer, stop layer)
 
 
 def _combine(objective: str, acc: np.ndarray, stage: np.ndarray) -> np.ndarray:
-    return np.maximum(acc, stage) if objective == "throughput" else acc + stage
+    combined: np.ndarray = np.maximum(acc, stage) if objective == "throughput" else acc + stage
+    return combined
 
 
 def evaluate(plan: Sequence[Stage], costs: CostModel, objective: str) -> float:

@@ -68,7 +68,7 @@ def test_exact_dp_equals_brute_force(costs: CostModel, objective: str) -> None:
     assert value == pytest.approx(expected, rel=1e-9)
     # The plan it returns really has that value and covers every layer once, in order.
     assert evaluate(stages, costs, objective) == pytest.approx(value, rel=1e-9)
-    assert [s[1] for s in stages][0] == 0 and stages[-1][2] == costs.num_layers
+    assert stages[0][1] == 0 and stages[-1][2] == costs.num_layers
     assert all(stages[s][2] == stages[s + 1][1] for s in range(len(stages) - 1))
     assert len({s[0] for s in stages}) == len(stages)
 
@@ -199,7 +199,7 @@ def test_uniform_that_overflows_a_node_names_it() -> None:
     nodes = [NodeCapability("a", 1.0, 150), NodeCapability("b", 1.0, 10**6)]
     with pytest.raises(
         PartitionError,
-        match="layers 0..1 need 200 bytes on node 'a', which has 150: 50 bytes missing",
+        match=r"layers 0\.\.1 need 200 bytes on node 'a', which has 150: 50 bytes missing",
     ):
         plan(_layers(4, memory=100), nodes, "uniform")
 
