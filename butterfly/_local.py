@@ -10,7 +10,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -149,6 +149,7 @@ class LocalCluster:
         host: str = "127.0.0.1",
         startup_timeout: float = 120.0,
         extra_args: Sequence[str] = (),
+        worker_env: Sequence[Mapping[str, str]] = (),
     ) -> None:
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise ApiError(f"workers must be a positive integer, got {workers!r}")
@@ -166,9 +167,13 @@ class LocalCluster:
         self.host = host
         self.startup_timeout = startup_timeout
         self.processes: list[WorkerProcess] = []
+        envs = [dict(e) for e in worker_env] + [{}] * (workers - len(worker_env))
         try:
-            first = self.spawn()
-            rest = [self.spawn(peers=[first.address], wait=False) for _ in range(workers - 1)]
+            first = self.spawn(env=envs[0])
+            rest = [
+                self.spawn(peers=[first.address], wait=False, env=envs[i])
+                for i in range(1, workers)
+            ]
             for proc in rest:
                 proc.wait_ready(startup_timeout)
         except BaseException:
@@ -176,13 +181,18 @@ class LocalCluster:
             raise
 
     def spawn(
-        self, *, peers: Sequence[str] = (), wait: bool = True, listen: str | None = None
+        self,
+        *,
+        peers: Sequence[str] = (),
+        wait: bool = True,
+        listen: str | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> WorkerProcess:
-        """Start one more worker (e.g. to replace a killed one)."""
+        """Start one more worker (e.g. to replace a killed one); ``env`` adds environment variables."""
         args = ["--listen", listen or f"{self.host}:0", *self.options]
         if peers:
             args += ["--peers", ",".join(peers)]
-        proc = WorkerProcess(args)
+        proc = WorkerProcess(args, env={**os.environ, **env} if env else None)
         self.processes.append(proc)
         if wait:
             proc.wait_ready(self.startup_timeout)

@@ -78,10 +78,15 @@ class SchedulingConfig:
 
 @attrs.frozen
 class PartitionConfig:
-    """How layers are split into stages."""
+    """How layers are split into stages (see ``butterfly.partition``)."""
 
-    #: ``uniform``: contiguous, equal layer counts, one stage per worker.
-    default_strategy: str = attrs.field(default="uniform", validator=v.in_(["uniform"]))
+    #: ``topology_aware`` (optimal for the measured cost model), ``load_balanced``
+    #: (proportional to speed) or ``uniform`` (equal layer counts, every worker).
+    default_strategy: str = attrs.field(
+        default="topology_aware", validator=v.in_(["uniform", "load_balanced", "topology_aware"])
+    )
+    #: ``throughput`` minimises the slowest stage; ``latency`` the sum of the stages.
+    objective: str = attrs.field(default="throughput", validator=v.in_(["throughput", "latency"]))
 
 
 @attrs.frozen

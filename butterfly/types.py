@@ -140,14 +140,27 @@ class ClusterInfo:
     stages: tuple[StageInfo, ...]
     #: What the first stage accepts (checked before a request is sent).
     input_spec: InputSpec = attrs.field(factory=InputSpec)
+    #: The placement strategy that made ``stages``, and its estimated quality.
+    strategy: str = ""
+    quality: PartitionQuality | None = None
+    #: Ready workers the plan leaves without a stage (using them would slow the pipeline).
+    idle: tuple[NodeId, ...] = ()
 
     def __str__(self) -> str:
         lines = [
             f"model {self.model} ({self.num_layers} layers, fingerprint {self.fingerprint[:12]})"
         ]
-        lines += [f"  worker {w.node_id} {w.address} {w.state}" for w in self.workers]
+        for w in self.workers:
+            note = " (idle: the pipeline is faster without it)" if w.node_id in self.idle else ""
+            lines.append(f"  worker {w.node_id} {w.address} {w.state}{note}")
         lines += [
             f"  stage {s.index}: layers {s.layers.start}..{s.layers.stop - 1} on {s.node_id}"
             for s in self.stages
         ]
+        if self.quality is not None:
+            q = self.quality
+            lines.append(
+                f"  plan {self.strategy}: est. {q.estimated_throughput_rps:.1f} req/s, "
+                f"latency {q.estimated_latency_ms:.1f} ms, balance {q.load_balance:.2f}"
+            )
         return "\n".join(lines)

@@ -11,7 +11,11 @@ from butterfly.model.zoo import mlp
 from butterfly.transport import MemoryNetwork
 from butterfly.worker import WorkerService
 
-FAST = {"coordination": {"heartbeat_interval": 0.2, "failure_timeout": 2.0}}
+# Uniform placement: these tests check where layers go, not how well the planner chooses.
+FAST = {
+    "coordination": {"heartbeat_interval": 0.2, "failure_timeout": 2.0},
+    "partition": {"default_strategy": "uniform"},
+}
 
 
 async def start_workers(

@@ -43,6 +43,18 @@ def slow_mlp() -> nn.Sequential:
     return nn.Sequential(base[0], base[1], Sleep(1.5), base[2], base[3], base[4])
 
 
+def throttled() -> nn.Sequential:
+    """8 layers of 20 ms each, times BUTTERFLY_TEST_SLOWDOWN (default 1): a slower machine.
+
+    The worker measures its layers at start-up, so a worker started with a slowdown of 4
+    reports layers 4× as slow and the planner gives it less work.
+    """
+    factor = float(os.environ.get("BUTTERFLY_TEST_SLOWDOWN", "1"))
+    model = nn.Sequential(*(Sleep(0.02 * factor) for _ in range(8)))
+    model.example_input = torch.zeros(1, 64)  # what the worker profiles its layers with
+    return model
+
+
 def sleepy() -> nn.Sequential:
     """Three (Linear, 0.5 s pause) pairs: on 3 workers every stage takes 0.5 s without using the CPU."""
     base = mlp()

@@ -15,7 +15,8 @@ def test_defaults_are_sized_for_tensors_not_for_chat_messages() -> None:
     assert config.network.max_message_size == 256 * 2**20
     assert config.network.receive_buffer_size == 2**20
     assert config.scheduling.scheduler_type == "fifo"
-    assert config.partition.default_strategy == "uniform"
+    assert config.partition.default_strategy == "topology_aware"
+    assert config.partition.objective == "throughput"
 
 
 def test_toml_file_overrides_only_the_keys_it_names(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from ..errors import (
     NetworkError,
 )
 from ..metrics import MetricsSink, PlacementChanged, WorkerStateChanged
-from ..partition import PartitionService
+from ..partition import PartitionService, Plan
 from ..protocol import (
     PROTOCOL_VERSION,
     Ack,
@@ -42,11 +42,21 @@ from ..protocol import (
 )
 from ..transport import Peer, Transport, dial_peer
 from ..transport.retry import backoff_delays
-from ..types import ClusterInfo, StageInfo, WorkerInfo, WorkerState
+from ..types import (
+    ClusterInfo,
+    LayerInfo,
+    NodeCapability,
+    StageInfo,
+    WorkerInfo,
+    WorkerState,
+)
 
 __all__ = ["CoordinationService", "Placement", "WorkerLost"]
 
 log = logging.getLogger(__name__)
+
+#: Memory assumed for a worker that did not report any (it is never the constraint).
+_UNKNOWN_MEMORY = 1 << 62
 
 
 @attrs.frozen
@@ -112,6 +122,7 @@ class CoordinationService:
         self.node_id = node_id or f"coordinator-{uuid.uuid4().hex[:8]}"
         self._workers: dict[str, _Worker] = {}  # by address
         self._placement: Placement | None = None
+        self._plan: Plan | None = None
         self._epoch = 0
         self._placement_lock = trio.Lock()
         self._model = ""
@@ -295,10 +306,48 @@ class CoordinationService:
             w for w in self._workers.values() if w.state is WorkerState.READY and w.peer is not None
         ]
 
+    def _planning_inputs(
+        self, ready: list[_Worker]
+    ) -> tuple[list[LayerInfo], list[NodeCapability]]:
+        """Layer costs from the first worker that measured them; each worker's speed relative to it."""
+        hellos = [w.hello for w in ready if w.hello is not None]
+        measured = [h for h in hellos if len(h.layers) == self._num_layers]
+        reference = measured[0].layers if measured else ()
+        layers = [
+            LayerInfo(i, p.compute_ms, p.memory_bytes, p.output_bytes)
+            for i, p in enumerate(reference)
+        ] or [LayerInfo(i, 1.0, 0, 0) for i in range(self._num_layers)]
+        reference_ms = sum(p.compute_ms for p in reference)
+        nodes = []
+        for hello in hellos:
+            own_ms = (
+                sum(p.compute_ms for p in hello.layers)
+                if len(hello.layers) == self._num_layers
+                else 0.0
+            )
+            power = reference_ms / own_ms if reference_ms > 0 and own_ms > 0 else 1.0
+            memory = hello.memory_available or _UNKNOWN_MEMORY
+            nodes.append(NodeCapability(hello.node_id, power, memory, hello.address))
+        return layers, nodes
+
     async def _assign_new_placement(self) -> Placement:
         ready = self._ready_workers()
+        if not ready:
+            raise NetworkError("no worker is ready to take a stage")
         t0 = time.perf_counter()
-        stages = self.partition.plan(self._num_layers, [(w.node_id, w.address) for w in ready])
+        layers, nodes = self._planning_inputs(ready)
+        self._plan = self.partition.plan(layers, nodes)
+        address = {w.node_id: w.address for w in ready}
+        stages = tuple(
+            StageSpec(
+                index=p.id,
+                start=p.layer_range.start,
+                stop=p.layer_range.stop,
+                node_id=p.assigned_node,
+                address=address[p.assigned_node],
+            )
+            for p in self._plan.partitions
+        )
         planning_s = time.perf_counter() - t0
         self._epoch += 1
         epoch = self._epoch
@@ -364,6 +413,9 @@ class CoordinationService:
                 for s in (placement.stages if placement else ())
             ),
             input_spec=self.input_spec,
+            strategy=self._plan.strategy if self._plan else "",
+            quality=self._plan.quality if self._plan else None,
+            idle=self._plan.idle if self._plan else (),
         )
 
 

@@ -15,7 +15,14 @@ from typing import Protocol
 import trio
 
 from ..config import MetricsConfig
-from .events import Event, PlacementChanged, RequestCompleted, RequestFailed, WorkerStateChanged
+from .events import (
+    Event,
+    PlacementChanged,
+    PlanComputed,
+    RequestCompleted,
+    RequestFailed,
+    WorkerStateChanged,
+)
 
 __all__ = ["MetricsService", "MetricsSink"]
 
@@ -35,6 +42,8 @@ class MetricsService:
         self.failed: collections.Counter[str] = collections.Counter()
         self.worker_states: dict[str, str] = {}
         self.placements = 0
+        self.plan_cache = collections.Counter[str]()
+        self.last_planning_s = 0.0
         self.latencies: collections.deque[float] = collections.deque(
             maxlen=self.config.latency_window
         )
@@ -55,6 +64,10 @@ class MetricsService:
                 self.worker_states[node] = state
             case PlacementChanged():
                 self.placements += 1
+            case PlanComputed(cache_hit=hit, planning_s=planning_s):
+                self.plan_cache["hits" if hit else "misses"] += 1
+                if not hit:
+                    self.last_planning_s = planning_s
 
     def snapshot(self) -> dict[str, object]:
         """Counters and latency percentiles (seconds) of everything emitted so far."""
@@ -70,5 +83,8 @@ class MetricsService:
             "latency_p99_s": pct(0.99),
             "latency_mean_s": statistics.fmean(lat) if lat else None,
             "placements": self.placements,
+            "plan_cache_hits": self.plan_cache["hits"],
+            "plan_cache_misses": self.plan_cache["misses"],
+            "last_planning_s": self.last_planning_s,
             "worker_states": dict(self.worker_states),
         }

@@ -7,6 +7,7 @@ import attrs
 __all__ = [
     "Event",
     "PlacementChanged",
+    "PlanComputed",
     "RequestCompleted",
     "RequestFailed",
     "WorkerStateChanged",
@@ -39,4 +40,11 @@ class PlacementChanged:
     planning_s: float
 
 
-Event = RequestCompleted | RequestFailed | WorkerStateChanged | PlacementChanged
+@attrs.frozen
+class PlanComputed:
+    cache_hit: bool
+    planning_s: float
+    strategy: str
+
+
+Event = RequestCompleted | RequestFailed | WorkerStateChanged | PlacementChanged | PlanComputed

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from ..protocol import InputSpec
+from ..protocol import InputSpec, LayerProfile
 from .fingerprint import layer_digest, model_fingerprint
 from .input_spec import infer_input_spec
+from .profile import profile_layers
 
 __all__ = ["ModelInfo", "ModelSource", "import_factory"]
 
@@ -57,6 +58,8 @@ class ModelInfo:
     fingerprint: str
     layer_digests: tuple[str, ...]
     input_spec: InputSpec
+    #: Measured on this worker's device at start-up (see :mod:`.profile`).
+    profiles: tuple[LayerProfile, ...] = ()
 
 
 @attrs.define
@@ -66,6 +69,8 @@ class ModelSource:
     name: str
     weights: Path | None = None
     device: torch.device = attrs.field(factory=lambda: torch.device("cpu"))
+    #: Measure every layer at start-up (for the planner).
+    profile: bool = True
     _factory: Callable[[], nn.Module] | None = None
     _info: ModelInfo | None = None
 
@@ -122,12 +127,19 @@ class ModelSource:
             if self.weights is not None:
                 self._load_weights(model, range(len(model)))
             digests = tuple(layer_digest(layer.state_dict().items()) for layer in model)
+            spec = infer_input_spec(model)
+            profiles = (
+                profile_layers(model.to(self.device).eval(), spec, self.device)
+                if self.profile
+                else []
+            )
             self._info = ModelInfo(
                 name=self.name,
                 num_layers=len(model),
                 fingerprint=model_fingerprint(digests),
                 layer_digests=digests,
-                input_spec=infer_input_spec(model),
+                input_spec=spec,
+                profiles=tuple(profiles),
             )
         return self._info
 

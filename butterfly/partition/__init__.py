@@ -8,6 +8,6 @@ from .planner import OBJECTIVES as OBJECTIVES
 from .planner import PartitionStrategy as PartitionStrategy
 from .planner import estimate_quality as estimate_quality
 from .planner import plan as plan
-from .service import STRATEGIES as STRATEGIES
 from .service import PartitionService as PartitionService
-from .uniform import plan_uniform as plan_uniform
+from .service import Plan as Plan
+from .service import cache_key as cache_key

@@ -1,36 +1,96 @@
-"""The partition service: turns the live workers into a placement with the configured strategy."""
+"""The partition service: plans for the coordinator, with a cache keyed by stable hashes.
+
+Keys hash the canonical encoding of (layers, nodes, topology, strategy, objective) with
+SHA-256, so they are the same in every process (Python's ``hash()`` is salted per process).
+"""
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import time
 from collections.abc import Sequence
 
+import attrs
+import msgspec
+
 from ..config import PartitionConfig
-from ..errors import PartitionError
-from ..metrics import MetricsSink
-from ..protocol import StageSpec
-from .uniform import plan_uniform
+from ..metrics import MetricsSink, PlanComputed
+from ..types import LayerInfo, ModelPartition, NodeCapability, PartitionQuality, Topology
+from .planner import estimate_quality, plan
 
-__all__ = ["STRATEGIES", "PartitionService"]
+__all__ = ["PartitionService", "Plan", "cache_key"]
 
-STRATEGIES = {"uniform": plan_uniform}
+_CACHE_SIZE = 64
+
+
+@attrs.frozen
+class Plan:
+    partitions: tuple[ModelPartition, ...]
+    quality: PartitionQuality
+    strategy: str
+    objective: str
+    #: Nodes given to the planner that it left without a stage.
+    idle: tuple[str, ...]
+
+
+def cache_key(
+    layers: Sequence[LayerInfo],
+    nodes: Sequence[NodeCapability],
+    topology: Topology,
+    strategy: str,
+    objective: str,
+) -> str:
+    """A hex SHA-256 of the planning inputs; equal inputs give equal keys in any process."""
+    payload = msgspec.json.encode(
+        [
+            [[lyr.id, lyr.compute_cost, lyr.memory_bytes, lyr.output_bytes] for lyr in layers],
+            [[n.node_id, n.compute_power, n.memory_bytes, n.address] for n in nodes],
+            [[a, b, link.bandwidth_bytes_per_s, link.latency_s] for a, b, link in topology.links],
+            [topology.default.bandwidth_bytes_per_s, topology.default.latency_s],
+            strategy,
+            objective,
+        ]
+    )
+    return hashlib.sha256(payload).hexdigest()
 
 
 class PartitionService:
-    """Plans placements. Pure computation today; a cache and measured costs plug in here."""
+    """Plans with the configured strategy and objective; remembers recent plans."""
 
     def __init__(self, config: PartitionConfig, metrics: MetricsSink) -> None:
         self.config = config
         self.metrics = metrics
-        self.last_planning_s = 0.0
+        self._cache: collections.OrderedDict[str, Plan] = collections.OrderedDict()
 
-    def plan(self, num_layers: int, workers: Sequence[tuple[str, str]]) -> tuple[StageSpec, ...]:
-        strategy = STRATEGIES.get(self.config.default_strategy)
-        if strategy is None:
-            raise PartitionError(
-                f"unknown strategy {self.config.default_strategy!r}; known: {', '.join(STRATEGIES)}"
-            )
-        t0 = time.perf_counter()
-        stages = strategy(num_layers, workers)
-        self.last_planning_s = time.perf_counter() - t0
-        return stages
+    def plan(
+        self,
+        layers: Sequence[LayerInfo],
+        nodes: Sequence[NodeCapability],
+        topology: Topology | None = None,
+    ) -> Plan:
+        topology = topology or Topology()
+        strategy, objective = self.config.default_strategy, self.config.objective
+        key = cache_key(layers, nodes, topology, strategy, objective)
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            self.metrics.emit(PlanComputed(cache_hit=True, planning_s=0.0, strategy=strategy))
+            return cached
+        start = time.perf_counter()
+        partitions = plan(layers, nodes, strategy, topology=topology, objective=objective)
+        used = {p.assigned_node for p in partitions}
+        result = Plan(
+            partitions=tuple(partitions),
+            quality=estimate_quality(partitions, layers, nodes, topology),
+            strategy=strategy,
+            objective=objective,
+            idle=tuple(n.node_id for n in nodes if n.node_id not in used),
+        )
+        self.metrics.emit(
+            PlanComputed(cache_hit=False, planning_s=time.perf_counter() - start, strategy=strategy)
+        )
+        self._cache[key] = result
+        while len(self._cache) > _CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return result

@@ -18,6 +18,7 @@ from .messages import Error as Error
 from .messages import Heartbeat as Heartbeat
 from .messages import Hello as Hello
 from .messages import InputSpec as InputSpec
+from .messages import LayerProfile as LayerProfile
 from .messages import Message as Message
 from .messages import Result as Result
 from .messages import StageSpec as StageSpec

@@ -19,6 +19,7 @@ __all__ = [
     "Heartbeat",
     "Hello",
     "InputSpec",
+    "LayerProfile",
     "Message",
     "Result",
     "StageSpec",
@@ -57,6 +58,14 @@ class InputSpec(_Struct, frozen=True):
     trailing: tuple[int, ...] = ()
 
 
+class LayerProfile(_Struct, frozen=True):
+    """One layer as measured by a worker: ms per request there, weight bytes, output bytes."""
+
+    compute_ms: float
+    memory_bytes: int
+    output_bytes: int
+
+
 class StageSpec(_Struct, frozen=True):
     """One stage of a placement: layers ``[start, stop)`` on worker ``node_id``."""
 
@@ -86,6 +95,10 @@ class Hello(_Struct, tag="hello", frozen=True):
     num_layers: int = 0
     peers: tuple[str, ...] = ()
     input_spec: InputSpec | None = None
+    #: Per-layer measurements on this worker (empty when it could not measure).
+    layers: tuple[LayerProfile, ...] = ()
+    #: Bytes of memory free for weights on this worker's device.
+    memory_available: int = 0
 
 
 class Heartbeat(_Struct, tag="heartbeat", frozen=True):

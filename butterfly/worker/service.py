@@ -25,6 +25,7 @@ from .._errors import unwrap_groups
 from ..config import ButterflyConfig
 from ..errors import ButterflyError, ComputeError, CoordinationError, NetworkError, error_kind
 from ..model import ModelInfo, ModelSource, StageRuntime
+from ..model.profile import available_memory
 from ..protocol import (
     PROTOCOL_VERSION,
     Ack,
@@ -78,6 +79,7 @@ class WorkerService:
         self.node_id = node_id or f"worker-{uuid.uuid4().hex[:8]}"
         self.address = ""
         self.info: ModelInfo | None = None
+        self.memory_available = 0
         # One device, one limiter: stages of this worker take turns on its cores.
         self.limiter = trio.CapacityLimiter(1)
         self._coordinators: dict[str, Peer] = {}
@@ -99,6 +101,7 @@ class WorkerService:
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Describe the model, bind the listener, report the address, serve until cancelled."""
         self.info = await trio.to_thread.run_sync(self.source.describe)
+        self.memory_available = available_memory(self.source.device)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             bound = await nursery.start(self.transport.serve, self.listen, self._handle_connection)
@@ -119,6 +122,8 @@ class WorkerService:
             num_layers=self.info.num_layers,
             peers=tuple(p for p in self.peers if p != self.address),
             input_spec=self.info.input_spec,
+            layers=self.info.profiles,
+            memory_available=self.memory_available,
         )
 
     def _open_peer(self, conn: Connection) -> AbstractAsyncContextManager[Peer]:

@@ -26,7 +26,8 @@ from butterfly.model.zoo import mlp, small_transformer
 
 pytestmark = pytest.mark.slow
 
-FAST_FAILURE = {"coordination": {"heartbeat_interval": 0.2, "failure_timeout": 3.0}}
+UNIFORM = {"partition": {"default_strategy": "uniform"}}
+FAST_FAILURE = {"coordination": {"heartbeat_interval": 0.2, "failure_timeout": 3.0}, **UNIFORM}
 
 
 def local_forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -47,7 +48,7 @@ def reference() -> torch.nn.Module:
 
 @pytest.fixture
 def client(transformer_cluster: LocalCluster) -> Butterfly:
-    with Butterfly.connect(transformer_cluster.addresses) as b:
+    with Butterfly.connect(transformer_cluster.addresses, config=UNIFORM) as b:
         yield b
 
 
@@ -94,7 +95,7 @@ def test_placement_spreads_contiguous_stages_over_the_workers(
 def test_coordinator_discovers_the_cluster_from_one_worker(
     transformer_cluster: LocalCluster,
 ) -> None:
-    with Butterfly.connect([transformer_cluster.addresses[-1]]) as b:
+    with Butterfly.connect([transformer_cluster.addresses[-1]], config=UNIFORM) as b:
         assert {w.address for w in b.cluster().workers} == set(transformer_cluster.addresses)
         assert len(b.cluster().stages) == 3
 
