@@ -18,6 +18,7 @@ Targets (issue 3): Butterfly ≥ 1.85× local (the limit on 2 cores is 2.0×) an
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 import sys
@@ -33,20 +34,37 @@ from .baselines import gpipe_throughput, local_throughput, reference_input
 MODEL = "butterfly.model.zoo:reference_transformer"
 
 
-def butterfly_throughput(duration_s: float, *, in_flight: int = 4, workers: int = 2, threads: int = 1) -> float:
-    """Requests/s through ``workers`` local worker processes with ``in_flight`` requests in the pipeline."""
-    x = reference_input()
-    config = {"scheduling": {"max_in_flight": in_flight}}
-    with Butterfly.local(MODEL, workers=workers, threads=threads, config=config) as b:
-        b.infer_many([x] * (2 * in_flight))  # warm-up: every stage has run a few times
-        done = 0
-        start = time.perf_counter()
-        elapsed = 0.0
-        while elapsed < duration_s:
-            b.infer_many([x] * (4 * in_flight))
-            done += 4 * in_flight
-            elapsed = time.perf_counter() - start
+def sustained_throughput(b: Butterfly, x: Any, *, in_flight: int, duration_s: float) -> float:
+    """Requests/s with ``in_flight`` requests always outstanding: a new one is submitted as
+    soon as the oldest finishes, so the pipeline never drains between rounds."""
+    window = collections.deque(b.submit(x) for _ in range(in_flight))
+    for _ in range(2 * in_flight):  # warm-up: every stage has run a few times
+        window.popleft().result()
+        window.append(b.submit(x))
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < duration_s:
+        window.popleft().result()
+        done += 1
+        window.append(b.submit(x))
+    elapsed = time.perf_counter() - start
+    for handle in window:
+        handle.result()
     return done / elapsed
+
+
+def butterfly_throughput(
+    duration_s: float, *, in_flight: int = 4, workers: int = 2, threads: int = 1
+) -> float:
+    """Requests/s through ``workers`` local worker processes split uniformly (at layer 6 for 2),
+    with ``in_flight`` requests always in the pipeline."""
+    config = {
+        "scheduling": {"max_in_flight": in_flight},
+        "partition": {"default_strategy": "uniform"},
+    }
+    with Butterfly.local(MODEL, workers=workers, threads=threads, config=config) as b:
+        return sustained_throughput(
+            b, reference_input(), in_flight=in_flight, duration_s=duration_s
+        )
 
 
 def summarize(values: list[float]) -> dict[str, float]:
@@ -54,10 +72,18 @@ def summarize(values: list[float]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=5, help="interleaved runs of each system (default 5)")
-    parser.add_argument("--duration", type=float, default=8.0, help="seconds measured per run (default 8)")
-    parser.add_argument("--in-flight", type=int, default=4, help="Butterfly requests in the pipeline")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.pipeline", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--runs", type=int, default=5, help="interleaved runs of each system (default 5)"
+    )
+    parser.add_argument(
+        "--duration", type=float, default=8.0, help="seconds measured per run (default 8)"
+    )
+    parser.add_argument(
+        "--in-flight", type=int, default=4, help="Butterfly requests in the pipeline"
+    )
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
     args = parser.parse_args(argv)
 
@@ -71,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     for run in range(args.runs):
         for name, measure in systems.items():
             samples[name].append(measure())
-            print(f"run {run + 1}/{args.runs} {name:>15}: {samples[name][-1]:.3f} req/s", file=sys.stderr, flush=True)
+            print(
+                f"run {run + 1}/{args.runs} {name:>15}: {samples[name][-1]:.3f} req/s",
+                file=sys.stderr,
+                flush=True,
+            )
     results: dict[str, Any] = {name: summarize(values) for name, values in samples.items()}
     local = results["local 1 thread"]["median"]
     gpipe = results["gpipe 2x1"]["median"]
@@ -81,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         "gpipe/local": gpipe / local,
         "butterfly/gpipe": ours / gpipe,
     }
-    print(f"Reference workload, {args.runs} interleaved runs of {args.duration:g} s ({time.perf_counter() - started:.0f} s)")
+    print(
+        f"Reference workload, {args.runs} interleaved runs of {args.duration:g} s ({time.perf_counter() - started:.0f} s)"
+    )
     print(f"  {'system':<16}{'median':>10}{'min':>10}{'max':>10}   req/s")
     for name in systems:
         r = results[name]
