@@ -30,7 +30,7 @@ async def start_workers(
     for i in range(n):
         peers = ("mem://w0",) if i else ()
         worker = WorkerService(
-            ModelSource(model),
+            ModelSource(model, profile=False),
             transport=net,
             listen=f"mem://w{i}",
             peers=peers,

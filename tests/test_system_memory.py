@@ -191,7 +191,7 @@ async def _cancellable_worker(
 ) -> None:
     with trio.CancelScope() as scope:
         worker = WorkerService(
-            ModelSource("tests.models:slow_mlp"),
+            ModelSource("tests.models:slow_mlp", profile=False),
             transport=net,
             listen=f"mem://w{i}",
             peers=("mem://w0",) if i else (),

@@ -25,6 +25,8 @@ __all__ = ["available_memory", "profile_layers"]
 #: Free sizes (sequence length, spatial size) in the representative input.
 FREE_DIM = 128
 REPEATS = 3
+#: A layer whose first run takes longer than this (ms) is measured by that run alone.
+SLOW_LAYER_MS = 50.0
 #: Milliseconds per parameter in the analytic fallback (≈ 2 FLOPs per parameter at 1 GFLOP/s).
 ANALYTIC_MS_PER_PARAM = 2e-6
 
@@ -78,16 +80,15 @@ def profile_layers(
     profiles = []
     try:
         with torch.inference_mode():
-            model(x)  # warm-up: first calls allocate and pick kernels
             for layer in model:
-                times = []
-                y = x
-                for _ in range(REPEATS):
-                    _sync(device)
-                    start = time.perf_counter()
-                    y = layer(x)
-                    _sync(device)
-                    times.append((time.perf_counter() - start) * 1000)
+                # The first run warms the layer up (allocations, kernel choice); a slow layer's
+                # first run is already a fair measurement, a fast one gets the median of more.
+                first, y = _timed(layer, x, device)
+                times = (
+                    [first]
+                    if first > SLOW_LAYER_MS
+                    else [_timed(layer, x, device)[0] for _ in range(REPEATS)]
+                )
                 if not isinstance(y, torch.Tensor):
                     return _analytic(model)
                 profiles.append(
@@ -101,6 +102,14 @@ def profile_layers(
     except Exception:
         return _analytic(model)
     return profiles
+
+
+def _timed(layer: nn.Module, x: torch.Tensor, device: torch.device) -> tuple[float, object]:
+    _sync(device)
+    start = time.perf_counter()
+    y = layer(x)
+    _sync(device)
+    return (time.perf_counter() - start) * 1000, y
 
 
 def available_memory(device: torch.device) -> int:
