@@ -62,8 +62,18 @@ def demo(session: nox.Session) -> None:
     session.run("python", "-m", "butterfly", "demo", *session.posargs)
 
 
+BENCHES = ("transport", "pipeline", "placement")
+
+
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Transport benchmark: Butterfly's websocket hop vs raw TCP, side by side."""
-    install(session)
-    session.run("python", "-m", "bench.transport", *session.posargs)
+    """Benchmarks, each side by side with its reference: ``nox -s bench -- pipeline`` runs one.
+
+    transport: websocket hop vs raw TCP; pipeline: vs a local forward and GPipe on the
+    reference workload; placement: planning time and throughput per strategy.
+    """
+    install(session, "test")
+    for name in session.posargs or BENCHES:
+        if name not in BENCHES:
+            session.error(f"unknown benchmark {name!r}; known: {', '.join(BENCHES)}")
+        session.run("python", "-m", f"bench.{name}")
