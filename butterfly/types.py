@@ -118,6 +118,8 @@ class WorkerInfo:
     state: WorkerState
     #: Why the worker is failed or refused ("" otherwise).
     reason: str = ""
+    #: The coordinator's measured link to it (bandwidth, latency); None until measured.
+    link: Link | None = None
 
 
 @attrs.frozen

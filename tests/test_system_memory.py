@@ -6,6 +6,8 @@ The e2e tests in tests/e2e repeat the essentials with real processes and sockets
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -263,3 +265,37 @@ async def test_bad_timeout_and_bad_peers_are_api_errors() -> None:
     ):
         async with AsyncButterfly.connect(["ws://h:1"], timeout=-1):
             pass
+
+
+async def test_a_worker_that_comes_back_is_used_again_in_a_new_placement() -> None:
+    net = MemoryNetwork()
+    async with trio.open_nursery() as nursery:
+        scopes = [await nursery.start(_cancellable_worker, net, i) for i in range(3)]
+        await trio.sleep(0.05)
+        async with AsyncButterfly.connect(["mem://w0"], transport=net, config=FAST) as b:
+            scopes[2].cancel()
+            with trio.fail_after(10):
+                while len(b.cluster().stages) != 2:
+                    with contextlib.suppress(NetworkError):  # failing over is issue 4's work
+                        await b.infer(torch.zeros(1, 64))
+            await nursery.start(_cancellable_worker, net, 2)  # the same address, a new process
+            with trio.fail_after(20):
+                while len(b.cluster().stages) != 3:
+                    await trio.sleep(0.2)
+                    await b.infer(torch.zeros(1, 64))
+            cluster = b.cluster()
+            assert cluster.epoch == 3
+            assert [s.layers for s in cluster.stages] == [range(0, 2), range(2, 4), range(4, 6)]
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_coordinator_measures_its_link_to_every_worker() -> None:
+    net = MemoryNetwork()
+    async with trio.open_nursery() as nursery:
+        await start_workers(nursery, net, "butterfly.model.zoo:mlp", n=2)
+        async with AsyncButterfly.connect(["mem://w0"], transport=net, config=FAST) as b:
+            for worker in b.cluster().workers:
+                assert worker.link is not None
+                assert worker.link.bandwidth_bytes_per_s > 1e6
+                assert 0 <= worker.link.latency_s < 1
+        nursery.cancel_scope.cancel()

@@ -8,9 +8,11 @@ to the scheduler through a typed memory channel, never by reaching into its stat
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 
 import attrs
 import trio
@@ -37,6 +39,7 @@ from ..protocol import (
     Hello,
     InputSpec,
     Message,
+    Probe,
     Result,
     StageSpec,
 )
@@ -45,8 +48,10 @@ from ..transport.retry import backoff_delays
 from ..types import (
     ClusterInfo,
     LayerInfo,
+    Link,
     NodeCapability,
     StageInfo,
+    Topology,
     WorkerInfo,
     WorkerState,
 )
@@ -57,6 +62,8 @@ log = logging.getLogger(__name__)
 
 #: Memory assumed for a worker that did not report any (it is never the constraint).
 _UNKNOWN_MEMORY = 1 << 62
+#: Bytes of the probe that measures a link's bandwidth.
+_PROBE_BYTES = 1 << 20
 
 
 @attrs.frozen
@@ -76,6 +83,8 @@ Response = Result | Error | WorkerLost
 class Placement:
     epoch: int
     stages: tuple[StageSpec, ...]
+    #: The ready workers the plan was made for; idle ones included.
+    planned_over: frozenset[str] = frozenset()
 
     @property
     def nodes(self) -> frozenset[str]:
@@ -91,6 +100,11 @@ class _Worker:
     reason: str = ""
     first_attempt: trio.Event = attrs.field(factory=trio.Event)
     last_heard: float = 0.0
+    #: Pings waiting for their Ack, by sequence number.
+    acks: dict[int, trio.Event] = attrs.field(factory=dict)
+    seq: Iterator[int] = attrs.field(factory=itertools.count)
+    #: The coordinator's measured link to this worker (None until measured).
+    link: Link | None = None
     assigned: dict[int, trio.Event] = attrs.field(factory=dict)
     assign_error: str = ""
 
@@ -244,18 +258,40 @@ class CoordinationService:
             worker.hello = hello
             worker.peer = peer
             worker.last_heard = time.monotonic()
-            self._set_state(worker, WorkerState.READY)
-            worker.first_attempt.set()
-            for address in hello.peers:
-                self._add_address(address)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._heartbeat, worker, peer)
-                await self._receive_loop(worker, peer)
-                nursery.cancel_scope.cancel()
+                nursery.start_soon(self._receive_loop, worker, peer)
+                worker.link = await self._measure_link(worker, peer)
+                self._set_state(worker, WorkerState.READY)
+                worker.first_attempt.set()
+                for address in hello.peers:
+                    self._add_address(address)
+
+    async def _ping(self, worker: _Worker, peer: Peer, payload: bytes = b"") -> float:
+        """Seconds until the worker acknowledges a Probe carrying ``payload``."""
+        seq = next(worker.seq)
+        answered = worker.acks[seq] = trio.Event()
+        start = time.perf_counter()
+        await peer.send(Probe(seq=seq, payload=payload))
+        with trio.fail_after(self.config.network.connect_timeout):
+            await answered.wait()
+        return time.perf_counter() - start
+
+    async def _measure_link(self, worker: _Worker, peer: Peer) -> Link:
+        """Round trip of small pings, then the time a larger probe adds: latency and bandwidth.
+
+        Links between two workers are not measured directly; the planner estimates them from
+        both workers' links to the coordinator (see ``_topology``).
+        """
+        try:
+            rtt = min([await self._ping(worker, peer) for _ in range(3)])
+            extra = await self._ping(worker, peer, bytes(_PROBE_BYTES)) - rtt
+        except trio.TooSlowError:
+            raise NetworkError(f"worker at {worker.address} did not answer a link probe") from None
+        return Link(bandwidth_bytes_per_s=_PROBE_BYTES / max(extra, 1e-6), latency_s=rtt / 2)
 
     async def _heartbeat(self, worker: _Worker, peer: Peer) -> None:
         cfg = self.config.coordination
-        seq = 0
         while True:
             await trio.sleep(cfg.heartbeat_interval)
             silent = time.monotonic() - worker.last_heard
@@ -263,17 +299,18 @@ class CoordinationService:
                 # A stopped process keeps its socket open: silence is the only sign.
                 await peer.conn.aclose()
                 return
-            seq += 1
             with trio.move_on_after(cfg.heartbeat_interval):
-                await peer.send(Heartbeat(seq=seq))
+                await peer.send(Heartbeat(seq=next(worker.seq)))
 
     async def _receive_loop(self, worker: _Worker, peer: Peer) -> None:
         while True:
             message: Message = await peer.receive()
             worker.last_heard = time.monotonic()
             match message:
-                case Ack():
-                    pass
+                case Ack(seq=seq):
+                    answered = worker.acks.pop(seq, None)
+                    if answered is not None:
+                        answered.set()
                 case Assigned(epoch=epoch):
                     event = worker.assigned.get(epoch)
                     if event is not None:
@@ -298,13 +335,26 @@ class CoordinationService:
             return await self._assign_new_placement()
 
     def _placement_is_live(self, placement: Placement) -> bool:
-        ready = {w.node_id for w in self._workers.values() if w.state is WorkerState.READY}
-        return placement.nodes <= ready
+        """Still valid: planned over exactly the workers that are ready now (none left, none joined)."""
+        return {w.node_id for w in self._ready_workers()} == placement.planned_over
 
     def _ready_workers(self) -> list[_Worker]:
         return [
             w for w in self._workers.values() if w.state is WorkerState.READY and w.peer is not None
         ]
+
+    def _topology(self, ready: list[_Worker]) -> Topology:
+        """Worker-to-worker links estimated from each worker's measured link to the coordinator:
+        the slower bandwidth of the two, and the sum of their one-way latencies."""
+        links = []
+        for a in ready:
+            for b in ready:
+                if a is not b and a.link is not None and b.link is not None:
+                    bandwidth = min(a.link.bandwidth_bytes_per_s, b.link.bandwidth_bytes_per_s)
+                    links.append(
+                        (a.node_id, b.node_id, Link(bandwidth, a.link.latency_s + b.link.latency_s))
+                    )
+        return Topology(links=tuple(links))
 
     def _planning_inputs(
         self, ready: list[_Worker]
@@ -336,7 +386,7 @@ class CoordinationService:
             raise NetworkError("no worker is ready to take a stage")
         t0 = time.perf_counter()
         layers, nodes = self._planning_inputs(ready)
-        self._plan = self.partition.plan(layers, nodes)
+        self._plan = self.partition.plan(layers, nodes, self._topology(ready))
         address = {w.node_id: w.address for w in ready}
         stages = tuple(
             StageSpec(
@@ -375,7 +425,9 @@ class CoordinationService:
         finally:
             for w in ready:
                 w.assigned.pop(epoch, None)
-        self._placement = Placement(epoch=epoch, stages=stages)
+        self._placement = Placement(
+            epoch=epoch, stages=stages, planned_over=frozenset(w.node_id for w in ready)
+        )
         self.metrics.emit(PlacementChanged(epoch=epoch, stages=len(stages), planning_s=planning_s))
         return self._placement
 
@@ -400,7 +452,13 @@ class CoordinationService:
             num_layers=self._num_layers,
             epoch=placement.epoch if placement else 0,
             workers=tuple(
-                WorkerInfo(node_id=w.node_id, address=w.address, state=w.state, reason=w.reason)
+                WorkerInfo(
+                    node_id=w.node_id,
+                    address=w.address,
+                    state=w.state,
+                    reason=w.reason,
+                    link=w.link,
+                )
                 for w in self._workers.values()
             ),
             stages=tuple(

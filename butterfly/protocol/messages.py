@@ -21,6 +21,7 @@ __all__ = [
     "InputSpec",
     "LayerProfile",
     "Message",
+    "Probe",
     "Result",
     "StageSpec",
     "WireTensor",
@@ -111,6 +112,13 @@ class Ack(_Struct, tag="ack", frozen=True):
     seq: int
 
 
+class Probe(_Struct, tag="probe", frozen=True):
+    """Answered with ``Ack(seq)``; its payload measures the link's bandwidth."""
+
+    seq: int
+    payload: bytes = b""
+
+
 class Assign(_Struct, tag="assign", frozen=True):
     """The coordinator's placement for ``epoch``: every stage, so each worker knows its neighbours."""
 
@@ -162,4 +170,4 @@ class Cancel(_Struct, tag="cancel", frozen=True):
     origin: str = ""
 
 
-Message = Hello | Heartbeat | Ack | Assign | Assigned | Activation | Result | Error | Cancel
+Message = Hello | Heartbeat | Ack | Probe | Assign | Assigned | Activation | Result | Error | Cancel

@@ -37,6 +37,7 @@ from ..protocol import (
     Handshake,
     Heartbeat,
     Hello,
+    Probe,
     Result,
     StageSpec,
 )
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 
 #: Cancelled request ids remembered per worker; older ones have long left the pipeline.
 _CANCELLED_MEMORY = 10_000
+#: Placements kept per coordinator (the current one and the one before it).
+_KEPT_EPOCHS = 2
 
 
 @attrs.define
@@ -83,7 +86,9 @@ class WorkerService:
         # One device, one limiter: stages of this worker take turns on its cores.
         self.limiter = trio.CapacityLimiter(1)
         self._coordinators: dict[str, Peer] = {}
-        self._plans: dict[str, _Plan] = {}
+        # Per coordinator, its last _KEPT_EPOCHS placements: requests already in the pipeline
+        # when a worker joins finish on the placement they started on.
+        self._plans: dict[str, dict[int, _Plan]] = {}
         self._runtimes: dict[tuple[int, int], StageRuntime] = {}
         self._downstream: dict[str, Peer] = {}
         self._upstream: dict[str, trio.Event] = {}
@@ -173,7 +178,7 @@ class WorkerService:
                 match message:
                     case None:
                         return
-                    case Heartbeat(seq=seq):
+                    case Heartbeat(seq=seq) | Probe(seq=seq):
                         await peer.send(Ack(seq=seq))
                     case Assign():
                         self._spawn(self._assign, origin, message)
@@ -256,7 +261,10 @@ class WorkerService:
                         upstream = assign.stages[spec.index - 1]
                         if upstream.node_id != self.node_id:
                             await self._ensure_upstream_link(upstream)
-                self._plans[origin] = _Plan(assign.epoch, assign.stages)
+                plans = self._plans.setdefault(origin, {})
+                plans[assign.epoch] = _Plan(assign.epoch, assign.stages)
+                for old in sorted(plans)[:-_KEPT_EPOCHS]:
+                    del plans[old]
                 self._release_unused_stages()
             if peer is not None:
                 await peer.send(Assigned(epoch=assign.epoch, node_id=self.node_id))
@@ -284,7 +292,8 @@ class WorkerService:
     def _release_unused_stages(self) -> None:
         used = {
             (s.start, s.stop)
-            for plan in self._plans.values()
+            for plans in self._plans.values()
+            for plan in plans.values()
             for s in plan.stages
             if s.node_id == self.node_id
         }
@@ -351,8 +360,8 @@ class WorkerService:
 
     async def _run_stages(self, activation: Activation) -> None:
         origin, rid = activation.origin, activation.request_id
-        plan = self._plans.get(origin)
-        if plan is None or plan.epoch != activation.epoch:
+        plan = self._plans.get(origin, {}).get(activation.epoch)
+        if plan is None:
             raise CoordinationError(
                 f"worker {self.node_id} has no placement of epoch {activation.epoch} for {origin!r}"
             )
