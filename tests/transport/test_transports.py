@@ -178,26 +178,32 @@ async def test_peer_handshake_then_typed_messages() -> None:
         assert await peer.receive() == Heartbeat(2)
 
 
-async def test_peer_send_waits_when_the_queue_is_full() -> None:
-    """A peer that stops reading makes its senders wait: memory stays bounded."""
+async def test_peer_senders_wait_when_the_peer_stops_reading() -> None:
+    """Memory stays bounded: 1 frame in the connection's buffer, 1 being written directly,
+    1 held by the draining task, 2 in the send queue; every other sender waits."""
     net = MemoryNetwork(buffer=1)
     stalled = trio.Event()
 
     async def never_reads(conn: Connection) -> None:
         await stalled.wait()
 
+    completed = 0
     async with (
         serving(net, "memory", never_reads) as address,
         net.connect(address) as conn,
         open_peer(conn, max_message_size=1 << 20, send_queue_size=2) as peer,
     ):
-        sent = 0
+
+        async def send_one(i: int) -> None:
+            nonlocal completed
+            await peer.send(Heartbeat(i))
+            completed += 1
+
         with trio.move_on_after(0.5):
-            while True:
-                await peer.send(Heartbeat(sent))
-                sent += 1
-        # 1 in the connection buffer, 1 held by the draining task, 2 in the queue.
-        assert sent == 4
+            async with trio.open_nursery() as senders:
+                for i in range(10):
+                    senders.start_soon(send_one, i)
+        assert completed == 4
         stalled.set()
 
 
