@@ -91,12 +91,18 @@ class PartitionConfig:
 
 @attrs.frozen
 class CoordinationConfig:
-    """Liveness of the links between the coordinator and its workers."""
+    """Liveness of workers: heartbeats judged by a phi-accrual failure detector."""
 
     #: Seconds between heartbeats on every coordinator→worker link.
     heartbeat_interval: float = attrs.field(default=1.0, validator=_positive_seconds)
-    #: Seconds of silence after which a worker is declared failed and its requests fail.
-    failure_timeout: float = attrs.field(default=10.0, validator=_positive_seconds)
+    #: Suspicion φ at which a worker is declared failed (8: one chance in 10^8 it is alive).
+    phi_threshold: float = attrs.field(default=8.0, validator=_positive_seconds)
+    #: Heartbeat intervals remembered for the mean and deviation.
+    phi_window: int = attrs.field(default=1000, validator=_positive)
+    #: Floor of the deviation, in seconds: perfectly regular heartbeats must not make φ jumpy.
+    min_std_deviation: float = attrs.field(default=0.1, validator=_positive_seconds)
+    #: Seconds of silence beyond the usual interval that raise no suspicion (GC, load bursts).
+    acceptable_heartbeat_pause: float = attrs.field(default=3.0, validator=_non_negative_seconds)
 
 
 @attrs.frozen

@@ -13,7 +13,7 @@ from butterfly.worker import WorkerService
 
 # Uniform placement: these tests check where layers go, not how well the planner chooses.
 FAST = {
-    "coordination": {"heartbeat_interval": 0.2, "failure_timeout": 2.0},
+    "coordination": {"heartbeat_interval": 0.2, "acceptable_heartbeat_pause": 1.0},
     "partition": {"default_strategy": "uniform"},
 }
 

@@ -55,6 +55,7 @@ from ..types import (
     WorkerInfo,
     WorkerState,
 )
+from .detector import PhiAccrualDetector
 
 __all__ = ["CoordinationService", "Placement", "WorkerLost"]
 
@@ -99,7 +100,7 @@ class _Worker:
     peer: Peer | None = None
     reason: str = ""
     first_attempt: trio.Event = attrs.field(factory=trio.Event)
-    last_heard: float = 0.0
+    detector: PhiAccrualDetector | None = None
     #: Pings waiting for their Ack, by sequence number.
     acks: dict[int, trio.Event] = attrs.field(factory=dict)
     seq: Iterator[int] = attrs.field(factory=itertools.count)
@@ -225,6 +226,11 @@ class CoordinationService:
             except ButterflyError as exc:
                 reason = str(exc)
                 failures += 1
+            except Exception as exc:
+                # A bug on one link must not take the client down: log it, treat it as a failure.
+                log.exception("session with worker at %s failed unexpectedly", worker.address)
+                reason = f"unexpected {type(exc).__name__}: {exc}"
+                failures += 1
             else:
                 reason = "connection closed"
             finally:
@@ -257,7 +263,15 @@ class CoordinationService:
                 )
             worker.hello = hello
             worker.peer = peer
-            worker.last_heard = time.monotonic()
+            cfg = self.config.coordination
+            worker.detector = PhiAccrualDetector(
+                threshold=cfg.phi_threshold,
+                window=cfg.phi_window,
+                min_std=cfg.min_std_deviation,
+                acceptable_pause=cfg.acceptable_heartbeat_pause,
+                first_interval=cfg.heartbeat_interval,
+            )
+            worker.detector.heartbeat(trio.current_time())
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._heartbeat, worker, peer)
                 nursery.start_soon(self._receive_loop, worker, peer)
@@ -292,11 +306,15 @@ class CoordinationService:
 
     async def _heartbeat(self, worker: _Worker, peer: Peer) -> None:
         cfg = self.config.coordination
+        assert worker.detector is not None
         while True:
             await trio.sleep(cfg.heartbeat_interval)
-            silent = time.monotonic() - worker.last_heard
-            if silent > cfg.failure_timeout:
-                # A stopped process keeps its socket open: silence is the only sign.
+            level = worker.detector.phi(trio.current_time())
+            if level >= cfg.phi_threshold:
+                # A stopped process keeps its socket open: suspicion is the only sign.
+                log.warning(
+                    "worker %s at %s suspected (phi %.1f)", worker.node_id, worker.address, level
+                )
                 await peer.conn.aclose()
                 return
             with trio.move_on_after(cfg.heartbeat_interval):
@@ -305,12 +323,13 @@ class CoordinationService:
     async def _receive_loop(self, worker: _Worker, peer: Peer) -> None:
         while True:
             message: Message = await peer.receive()
-            worker.last_heard = time.monotonic()
             match message:
                 case Ack(seq=seq):
                     answered = worker.acks.pop(seq, None)
                     if answered is not None:
                         answered.set()
+                    elif worker.detector is not None:  # a heartbeat's answer
+                        worker.detector.heartbeat(trio.current_time())
                 case Assigned(epoch=epoch):
                     event = worker.assigned.get(epoch)
                     if event is not None:

@@ -101,6 +101,7 @@ class WebsocketConnection:
         self._send_lock = trio.Lock()
         self._close_sent = False
         self._peer_done = False  # the peer sent its close frame or closed the stream
+        self._receiving = False
         self._closed_reason: str | None = None
 
     @property
@@ -165,6 +166,13 @@ class WebsocketConnection:
 
         A single-frame message is returned as the buffer it was read into (no copy).
         """
+        self._receiving = True
+        try:
+            return await self._receive()
+        finally:
+            self._receiving = False
+
+    async def _receive(self) -> Buffer:
         parts: list[memoryview] = []
         size = 0
         while True:
@@ -227,7 +235,10 @@ class WebsocketConnection:
             await self._fill()
 
     async def _fill(self) -> None:
-        data = await self._stream.receive_some(_HEAD_READ)
+        try:
+            data = await self._stream.receive_some(_HEAD_READ)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise _Closed from exc  # includes this side closing the stream under a pending read
         if not data:
             raise _Closed
         self._buffer += data
@@ -245,7 +256,10 @@ class WebsocketConnection:
         del self._buffer[:have]
         sock = self._stream.socket
         while have < length:
-            got = await sock.recv_into(view[have:], min(length - have, self._read_size))
+            try:
+                got = await sock.recv_into(view[have:], min(length - have, self._read_size))
+            except (trio.ClosedResourceError, OSError) as exc:
+                raise _Closed from exc
             if not got:
                 raise _Closed
             have += got
@@ -268,9 +282,10 @@ class WebsocketConnection:
             if self._closed_reason is None:
                 await self._send_close(CloseCode.NORMAL)
                 self._closed_reason = "closed by this side"
-            if not self._peer_done:
+            if not self._peer_done and not self._receiving:
                 # Closing a socket with unread data makes the kernel send RST, which can
                 # overtake our close frame: wait (briefly) for the peer to close first.
+                # (Not while another task is reading: it will see the close itself.)
                 with trio.move_on_after(1):
                     try:
                         while await self._stream.receive_some(_HEAD_READ):

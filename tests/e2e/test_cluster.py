@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import threading
@@ -27,7 +28,10 @@ from butterfly.model.zoo import mlp, small_transformer
 pytestmark = pytest.mark.slow
 
 UNIFORM = {"partition": {"default_strategy": "uniform"}}
-FAST_FAILURE = {"coordination": {"heartbeat_interval": 0.2, "failure_timeout": 3.0}, **UNIFORM}
+FAST_FAILURE = {
+    "coordination": {"heartbeat_interval": 0.2, "acceptable_heartbeat_pause": 1.0},
+    **UNIFORM,
+}
 
 
 def local_forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -253,3 +257,29 @@ def test_ctrl_c_while_waiting_cancels_the_request_and_the_client_keeps_serving()
 
         torch.testing.assert_close(b.infer(x), local_forward(slow_mlp(), x), rtol=0, atol=0)
         assert b.metrics()["requests_failed"] == {"cancelled": 1}
+
+
+def test_a_stopped_worker_is_suspected_then_rejoins_when_it_resumes() -> None:
+    with (
+        LocalCluster("butterfly.model.zoo:mlp", workers=3) as cluster,
+        Butterfly.connect(cluster.addresses, config=FAST_FAILURE) as b,
+    ):
+        victim = cluster.processes[2]
+        states = lambda: {w.address: w.state for w in b.cluster().workers}  # noqa: E731
+        os.kill(victim.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            while states()[victim.address] is WorkerState.READY:
+                assert time.monotonic() - stopped < 8, "not suspected within 8 s"
+                time.sleep(0.1)
+            x = torch.randn(1, 64)
+            # Requests keep being served by the two others.
+            assert torch.equal(b.infer(x), local_forward(mlp(), x))
+            assert len(b.cluster().stages) == 2
+        finally:
+            os.kill(victim.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while states()[victim.address] is not WorkerState.READY or len(b.cluster().stages) != 3:
+            assert time.monotonic() < deadline, "did not rejoin within 30 s"
+            b.infer(torch.randn(1, 64))
+            time.sleep(0.2)
