@@ -74,6 +74,8 @@ class SchedulingConfig:
     dispatch_batch_size: int = attrs.field(default=1, validator=_positive)
     #: How long the dispatcher waits for more requests to fill a micro-batch.
     max_batch_wait_ms: float = attrs.field(default=0.0, validator=_non_negative_seconds)
+    #: Times a request is re-run on a new placement when a worker it used is lost.
+    max_retries: int = attrs.field(default=3, validator=v.ge(0))
 
 
 @attrs.frozen

@@ -157,35 +157,54 @@ async def test_full_queue_raises_scheduling_error_at_once() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_worker_lost_mid_request_fails_it_and_the_next_request_runs_on_the_survivors() -> (
-    None
-):
+async def test_a_request_whose_worker_is_lost_completes_on_the_survivors() -> None:
     net = MemoryNetwork()
     async with trio.open_nursery() as nursery:
-        scopes = []
-        for i in range(3):
-            scope_nursery = await nursery.start(_cancellable_worker, net, i)
-            scopes.append(scope_nursery)
+        scopes = [await nursery.start(_cancellable_worker, net, i) for i in range(3)]
         await trio.sleep(0.05)
         async with AsyncButterfly.connect(["mem://w0"], transport=net, config=FAST) as b:
+
+            async def kill_middle_soon() -> None:
+                await trio.sleep(0.3)  # the request is sleeping in the middle stage
+                scopes[1].cancel()
+
+            nursery.start_soon(kill_middle_soon)
+            x = torch.randn(1, 64)
+            torch.testing.assert_close(await b.infer(x), _slow_reference(x), rtol=0, atol=0)
+            cluster = b.cluster()
+            assert cluster.epoch == 2
+            assert len(cluster.stages) == 2
+            assert b.metrics()["requests_completed"] == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_without_retries_a_lost_worker_fails_its_request() -> None:
+    net = MemoryNetwork()
+    config = {**FAST, "scheduling": {"max_retries": 0}}
+    async with trio.open_nursery() as nursery:
+        scopes = [await nursery.start(_cancellable_worker, net, i) for i in range(3)]
+        await trio.sleep(0.05)
+        async with AsyncButterfly.connect(["mem://w0"], transport=net, config=config) as b:
 
             async def kill_middle_soon() -> None:
                 await trio.sleep(0.3)
                 scopes[1].cancel()
 
             nursery.start_soon(kill_middle_soon)
-            with pytest.raises(NetworkError, match="was lost during request 1"):
+            with pytest.raises(
+                NetworkError, match=r"worker .* at mem://w1 was lost during request 1"
+            ):
                 await b.infer(torch.zeros(1, 64))
             x = torch.randn(1, 64)
-            with torch.inference_mode():
-                from tests.models import slow_mlp
-
-                expected = slow_mlp()(x)
-            torch.testing.assert_close(await b.infer(x), expected, rtol=0, atol=0)
-            cluster = b.cluster()
-            assert cluster.epoch == 2
-            assert len(cluster.stages) == 2
+            torch.testing.assert_close(await b.infer(x), _slow_reference(x), rtol=0, atol=0)
         nursery.cancel_scope.cancel()
+
+
+def _slow_reference(x: torch.Tensor) -> torch.Tensor:
+    from tests.models import slow_mlp
+
+    with torch.inference_mode():
+        return slow_mlp()(x)
 
 
 async def _cancellable_worker(

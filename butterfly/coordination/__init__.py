@@ -1,7 +1,6 @@
 """Coordination: membership, liveness of workers (phi-accrual), and the placement epoch."""
 
 from .detector import PhiAccrualDetector as PhiAccrualDetector
-
 from .service import CoordinationService as CoordinationService
 from .service import Placement as Placement
 from .service import Response as Response

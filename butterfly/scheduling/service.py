@@ -28,6 +28,7 @@ from ..errors import (
     ApiError,
     ButterflyError,
     ComputeError,
+    CoordinationError,
     NetworkError,
     RequestTimeout,
     SchedulingError,
@@ -45,11 +46,18 @@ log = logging.getLogger(__name__)
 
 #: Finished tasks remembered for ``query_status``.
 _FINISHED_MEMORY = 10_000
+#: Pause before re-running a request whose worker was lost, times the attempt number.
+_RETRY_DELAY_S = 0.05
+
+
+def _retriable(error: ButterflyError | None) -> bool:
+    """A lost worker or a placement that changed under the request: running it again can work."""
+    return isinstance(error, NetworkError | CoordinationError)
 
 
 @attrs.define(eq=False)
 class _Batch:
-    """Tasks sharing one trip through the pipeline under one request id."""
+    """Tasks sharing one trip through the pipeline (a fresh request id for each attempt)."""
 
     request_id: int
     tasks: list[InferenceTask]
@@ -236,7 +244,7 @@ class SchedulingService:
                 await self._queue_changed.wait()
                 task = self._next_task()
             tasks = await self._gather_batch(task)
-            batch = _Batch(request_id=next(self._request_ids), tasks=tasks)
+            batch = _Batch(request_id=0, tasks=tasks)
             for t in tasks:
                 t.status = TaskStatus.RUNNING
                 self._running[t.task_id] = batch
@@ -283,13 +291,31 @@ class SchedulingService:
 
     async def _retry_one_by_one(self, batch: _Batch) -> None:
         for task in batch.live():
-            single = _Batch(request_id=next(self._request_ids), tasks=[task])
+            single = _Batch(request_id=0, tasks=[task])
             self._running[task.task_id] = single
             await self._execute(single)
             self._settle(single)
 
     async def _execute(self, batch: _Batch) -> None:
-        """Send the batch into the pipeline and wait for its outcome, its tasks' deadlines or cancellation."""
+        """Run the batch through the pipeline; if a worker is lost on the way, run it again on
+        the new placement (each attempt under a fresh request id, so a late answer from an
+        earlier attempt is ignored and every task is answered exactly once)."""
+        for attempt in range(self.config.max_retries + 1):
+            batch.request_id = next(self._request_ids)
+            batch.result, batch.error = None, None
+            await self._attempt(batch)
+            if not (_retriable(batch.error) and batch.live() and attempt < self.config.max_retries):
+                return
+            log.info(
+                "retrying request of tasks %s after: %s",
+                [t.task_id for t in batch.live()],
+                batch.error,
+            )
+            # Let coordination notice the loss before planning again.
+            await trio.sleep(_RETRY_DELAY_S * (attempt + 1))
+
+    async def _attempt(self, batch: _Batch) -> None:
+        """One trip: wait for its outcome, its tasks' deadlines or their cancellation."""
         try:
             batch.placement = await self.coordination.ensure_placement()
             tensor = concat([t.input for t in batch.tasks])
