@@ -318,3 +318,27 @@ async def test_the_coordinator_measures_its_link_to_every_worker() -> None:
                 assert worker.link.bandwidth_bytes_per_s > 1e6
                 assert 0 <= worker.link.latency_s < 1
         nursery.cancel_scope.cancel()
+
+
+async def test_a_worker_that_joins_later_is_discovered_and_used() -> None:
+    net = MemoryNetwork()
+    async with trio.open_nursery() as nursery:
+        await start_workers(nursery, net, "butterfly.model.zoo:mlp", n=2)
+        async with AsyncButterfly.connect(["mem://w0"], transport=net, config=FAST) as b:
+            assert len(b.cluster().stages) == 2
+            newcomer = WorkerService(
+                ModelSource("butterfly.model.zoo:mlp", profile=False),
+                transport=net,
+                listen="mem://w9",
+                peers=("mem://w1",),  # it only knows w1; the coordinator only knew w0
+                config=load_config(FAST),
+            )
+            await nursery.start(newcomer.run)
+            with trio.fail_after(10):
+                while len(b.cluster().stages) != 3:
+                    await trio.sleep(0.1)
+                    await b.infer(torch.zeros(1, 64))
+            assert "mem://w9" in {w.address for w in b.cluster().workers}
+            x = torch.randn(3, 64)
+            torch.testing.assert_close(await b.infer(x), local_forward(x), rtol=0, atol=0)
+        nursery.cancel_scope.cancel()

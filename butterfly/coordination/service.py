@@ -324,7 +324,9 @@ class CoordinationService:
         while True:
             message: Message = await peer.receive()
             match message:
-                case Ack(seq=seq):
+                case Ack(seq=seq, peers=peers):
+                    for address in peers:  # membership gossip: workers that joined later
+                        self._add_address(address)
                     answered = worker.acks.pop(seq, None)
                     if answered is not None:
                         answered.set()

@@ -107,9 +107,11 @@ class Heartbeat(_Struct, tag="heartbeat", frozen=True):
 
 
 class Ack(_Struct, tag="ack", frozen=True):
-    """Answers a Heartbeat with the same ``seq``."""
+    """Answers a Heartbeat or Probe with the same ``seq``; ``peers`` are the workers the
+    answering worker knows, so a coordinator learns of workers that joined after it connected."""
 
     seq: int
+    peers: tuple[str, ...] = ()
 
 
 class Probe(_Struct, tag="probe", frozen=True):

@@ -179,7 +179,7 @@ class WorkerService:
                     case None:
                         return
                     case Heartbeat(seq=seq) | Probe(seq=seq):
-                        await peer.send(Ack(seq=seq))
+                        await peer.send(Ack(seq=seq, peers=(self.address, *self.peers)))
                     case Assign():
                         self._spawn(self._assign, origin, message)
                     case Activation():
