@@ -111,6 +111,16 @@ class WorkerProcess:
             self.proc.kill()
             self.proc.wait()
 
+    def suspend(self) -> None:
+        """SIGSTOP: the process freezes with its sockets open (a hung machine, a long GC pause)."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`suspend`."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGCONT)
+
     def terminate(self) -> None:
         """Send SIGTERM once: a second one during shutdown would kill the worker uncleanly."""
         if self.alive() and not self._terminating:
@@ -197,6 +207,12 @@ class LocalCluster:
         if wait:
             proc.wait_ready(self.startup_timeout)
         return proc
+
+    def restart(self, proc: WorkerProcess) -> WorkerProcess:
+        """Kill ``proc`` if it still runs and start a new worker on the same address."""
+        proc.kill()
+        host_port = proc.address.removeprefix("ws://")
+        return self.spawn(listen=host_port, peers=[a for a in self.addresses if a != proc.address])
 
     @property
     def addresses(self) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import socket
@@ -191,6 +190,23 @@ def test_a_request_survives_its_worker_being_killed_mid_request() -> None:
         assert len(b.cluster().stages) == 2
 
 
+def test_a_restarted_worker_rejoins_on_its_address() -> None:
+    with (
+        LocalCluster("butterfly.model.zoo:mlp", workers=3) as cluster,
+        Butterfly.connect(cluster.addresses, config=FAST_FAILURE) as b,
+    ):
+        old = cluster.processes[1]
+        new = cluster.restart(old)
+        assert new.address == old.address and new.node_id != old.node_id
+        deadline = time.monotonic() + 30
+        while new.node_id not in {s.node_id for s in b.cluster().stages}:
+            assert time.monotonic() < deadline, "the restarted worker was not used again"
+            b.infer(torch.randn(1, 64))
+            time.sleep(0.2)
+        x = torch.randn(2, 64)
+        assert torch.equal(b.infer(x), local_forward(mlp(), x))
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_hundred_requests_complete_bitwise_when_a_random_worker_is_killed(seed: int) -> None:
     rng = random.Random(seed)
@@ -289,7 +305,7 @@ def test_a_stopped_worker_is_suspected_then_rejoins_when_it_resumes() -> None:
     ):
         victim = cluster.processes[2]
         states = lambda: {w.address: w.state for w in b.cluster().workers}  # noqa: E731
-        os.kill(victim.pid, signal.SIGSTOP)
+        victim.suspend()
         stopped = time.monotonic()
         try:
             while states()[victim.address] is WorkerState.READY:
@@ -300,7 +316,7 @@ def test_a_stopped_worker_is_suspected_then_rejoins_when_it_resumes() -> None:
             assert torch.equal(b.infer(x), local_forward(mlp(), x))
             assert len(b.cluster().stages) == 2
         finally:
-            os.kill(victim.pid, signal.SIGCONT)
+            victim.resume()
         deadline = time.monotonic() + 30
         while states()[victim.address] is not WorkerState.READY or len(b.cluster().stages) != 3:
             assert time.monotonic() < deadline, "did not rejoin within 30 s"
