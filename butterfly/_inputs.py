@@ -46,13 +46,18 @@ def to_wire(x: Any) -> tuple[WireTensor, InputKind]:
 
 
 def from_wire(tensor: WireTensor, kind: InputKind) -> Any:
-    """The result in the caller's kind: a writable numpy array, or a tensor on the input's device."""
+    """The result in the caller's kind: a writable numpy array, or a tensor on the input's device.
+
+    A result arrives in a frame buffer of its own, so it is handed over without a copy when
+    that buffer is writable (rows split from a micro-batch share it, but never overlap).
+    """
     if kind.is_torch:
-        return torch_from_wire(tensor, device=kind.device or "cpu")
+        return torch_from_wire(tensor, device=kind.device or "cpu", adopt=True)
     if tensor.dtype == "bfloat16":
-        # numpy has no bfloat16: answer like a torch forward's .float().numpy() would not; keep bits exact.
+        # numpy has no bfloat16: the caller gets float32 values (exact: bfloat16 ⊂ float32).
         return torch_from_wire(tensor).float().numpy()
-    return array_from_wire(tensor).copy()
+    array = array_from_wire(tensor)
+    return array if array.flags.writeable else array.copy()
 
 
 def _describe_shape(spec: InputSpec) -> str:

@@ -45,12 +45,19 @@ def torch_to_wire(tensor: torch.Tensor) -> WireTensor:
 
 
 def torch_from_wire(
-    tensor: WireTensor, *, device: torch.device | str = "cpu", max_bytes: int | None = None
+    tensor: WireTensor,
+    *,
+    device: torch.device | str = "cpu",
+    max_bytes: int | None = None,
+    adopt: bool = False,
 ) -> torch.Tensor:
-    """Build a torch tensor on ``device`` from a validated wire tensor (one copy, owned memory)."""
+    """Build a torch tensor on ``device`` from a validated wire tensor.
+
+    The payload is copied, unless ``adopt`` is set and the buffer is writable: then the
+    tensor uses the received frame's memory (safe when nothing else holds that frame).
+    """
     array = array_from_wire(tensor, max_bytes=max_bytes)
-    # The wire buffer is read-only and belongs to the frame: copy before torch may write to it.
-    host = torch.from_numpy(array.copy())
+    host = torch.from_numpy(array if adopt and array.flags.writeable else array.copy())
     if tensor.dtype == "bfloat16":
         host = host.view(torch.int16).view(torch.bfloat16)
     return host.to(device)

@@ -26,6 +26,7 @@ __all__ = [
     "close_payload",
     "encode_header",
     "mask",
+    "masked_copy",
     "parse_close",
     "parse_header",
 ]
@@ -146,6 +147,29 @@ def mask(buffer: bytearray | memoryview, mask_key: bytes, *, offset: int = 0) ->
     tail = view[words * 4 :]
     if len(tail):
         np.bitwise_xor(tail, key[: len(tail)], out=tail)
+
+
+def masked_copy(
+    dst: memoryview, src: bytes | bytearray | memoryview, mask_key: bytes, *, offset: int = 0
+) -> None:
+    """Write ``src`` XOR the mask into ``dst`` (same length) in one pass, as if ``src`` started
+    ``offset`` bytes into the payload; ``src`` is left untouched."""
+    source = np.frombuffer(src, dtype=np.uint8)
+    target = np.frombuffer(dst, dtype=np.uint8)
+    if not len(source):
+        return
+    shift = offset % 4
+    key = np.frombuffer(mask_key[shift:] + mask_key[:shift], dtype=np.uint8)
+    words = len(source) // 4
+    if words:
+        np.bitwise_xor(
+            source[: words * 4].view(np.uint32),
+            key.view(np.uint32)[0],
+            out=target[: words * 4].view(np.uint32),
+        )
+    tail = len(source) - words * 4
+    if tail:
+        np.bitwise_xor(source[words * 4 :], key[:tail], out=target[words * 4 :])
 
 
 def close_payload(code: CloseCode | int, reason: str = "") -> bytes:

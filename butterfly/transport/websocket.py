@@ -38,6 +38,7 @@ from .rfc6455 import (
     close_payload,
     encode_header,
     mask,
+    masked_copy,
     parse_close,
     parse_header,
 )
@@ -123,11 +124,13 @@ class WebsocketConnection:
         mask_key = os.urandom(4) if self._client else None
         header = encode_header(opcode, length, mask_key=mask_key)
         if mask_key is not None:
-            # Masking must not touch the caller's buffers: mask one joined copy.
-            joined = bytearray(header)
+            # Masking must not touch the caller's buffers: XOR them into one new frame, one pass.
+            joined = bytearray(len(header) + length)
+            joined[: len(header)] = header
+            view, at = memoryview(joined), len(header)
             for part in parts:
-                joined += part
-            mask(memoryview(joined)[len(header) :], mask_key)
+                masked_copy(view[at : at + len(part)], part, mask_key, offset=at - len(header))
+                at += len(part)
             writes: list[Buffer] = [joined]
         else:
             # Small parts ride with the header in one write; large ones go from their own memory.

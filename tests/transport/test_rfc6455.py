@@ -13,6 +13,7 @@ from butterfly.transport.rfc6455 import (
     close_payload,
     encode_header,
     mask,
+    masked_copy,
     parse_close,
     parse_header,
 )
@@ -81,3 +82,10 @@ def test_close_payload_round_trips_and_is_cut_to_fit() -> None:
     assert parse_close(close_payload(1009, "too big")) == (1009, "too big")
     assert len(close_payload(1000, "x" * 500)) == 125
     assert parse_close(b"") == (1005, "")
+
+
+@given(st.binary(max_size=300), st.binary(min_size=4, max_size=4), st.integers(0, 7))
+def test_masked_copy_equals_masking_a_copy(data: bytes, key: bytes, offset: int) -> None:
+    out = bytearray(len(data))
+    masked_copy(memoryview(out), data, key, offset=offset)
+    assert bytes(out) == _naive_mask(data, key, offset)
