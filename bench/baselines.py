@@ -47,7 +47,6 @@ import multiprocessing
 import os
 import platform
 import resource
-import statistics
 import sys
 import time
 import traceback
@@ -63,6 +62,8 @@ import torch.distributed as dist
 from torch import nn
 
 from butterfly.model.zoo import reference_transformer
+
+from .transport import Summary
 
 if TYPE_CHECKING:  # torch.distributed re-exports it without marking it as public for mypy
     from torch._C._distributed_c10d import TCPStore
@@ -434,28 +435,6 @@ class Settings:
     @classmethod
     def quick(cls, runs: int = 2) -> Settings:
         return cls(duration_s=3.0, runs=runs)
-
-
-@dataclass(frozen=True)
-class Summary:
-    """The samples of one figure and their median, min and max."""
-
-    name: str
-    unit: str
-    samples: list[float]
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "unit": self.unit,
-            "median": self.median,
-            "min": min(self.samples),
-            "max": max(self.samples),
-            "samples": self.samples,
-        }
 
 
 LOCAL = "local forward, 1 thread"
