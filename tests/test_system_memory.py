@@ -174,7 +174,12 @@ async def test_a_request_whose_worker_is_lost_completes_on_the_survivors() -> No
             cluster = b.cluster()
             assert cluster.epoch == 2
             assert len(cluster.stages) == 2
-            assert b.metrics()["requests_completed"] == 1
+            metrics = b.metrics()
+            assert metrics["requests_completed"] == 1
+            # The request went back to assignment once; epoch 1 drained and was committed.
+            phases = metrics["phase_transitions"]
+            assert (phases["request:assignment"], phases["request:commitment"]) == (2, 1)
+            assert (phases["epoch:aggregation"], phases["epoch:commitment"]) == (1, 1)
         nursery.cancel_scope.cancel()
 
 

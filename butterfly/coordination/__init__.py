@@ -1,6 +1,8 @@
 """Coordination: membership, liveness of workers (phi-accrual), and the placement epoch."""
 
 from .detector import PhiAccrualDetector as PhiAccrualDetector
+from .phases import Phase as Phase
+from .phases import PhaseTracker as PhaseTracker
 from .service import CoordinationService as CoordinationService
 from .service import Placement as Placement
 from .service import Response as Response

@@ -8,6 +8,7 @@ to the scheduler through a typed memory channel, never by reaching into its stat
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import time
@@ -26,7 +27,7 @@ from ..errors import (
     FingerprintMismatch,
     NetworkError,
 )
-from ..metrics import MetricsSink, PlacementChanged, WorkerStateChanged
+from ..metrics import MetricsSink, PhaseChanged, PlacementChanged, WorkerStateChanged
 from ..partition import PartitionService, Plan
 from ..protocol import (
     PROTOCOL_VERSION,
@@ -56,6 +57,7 @@ from ..types import (
     WorkerState,
 )
 from .detector import PhiAccrualDetector
+from .phases import Phase, PhaseTracker
 
 __all__ = ["CoordinationService", "Placement", "WorkerLost"]
 
@@ -138,6 +140,9 @@ class CoordinationService:
         self._workers: dict[str, _Worker] = {}  # by address
         self._placement: Placement | None = None
         self._plan: Plan | None = None
+        # Epochs not yet committed: their phase and how many requests still use them.
+        self._epoch_phases: dict[int, PhaseTracker] = {}
+        self._epoch_requests: collections.Counter[int] = collections.Counter()
         self._epoch = 0
         self._placement_lock = trio.Lock()
         self._model = ""
@@ -422,6 +427,8 @@ class CoordinationService:
         planning_s = time.perf_counter() - t0
         self._epoch += 1
         epoch = self._epoch
+        phases = self._epoch_phases[epoch] = PhaseTracker("epoch", epoch, self.report_phase)
+        phases.advance(Phase.ASSIGNMENT)
         assign = Assign(epoch=epoch, stages=stages)
         for w in ready:
             w.assigned[epoch] = trio.Event()
@@ -443,9 +450,18 @@ class CoordinationService:
                     f"workers {', '.join(slow)} did not accept placement epoch {epoch} within "
                     f"{self.config.api.connect_timeout:g} s"
                 )
+        except BaseException:
+            del self._epoch_phases[epoch]  # never served: nothing to drain or commit
+            raise
         finally:
             for w in ready:
                 w.assigned.pop(epoch, None)
+        phases.advance(Phase.COMPUTATION)
+        for old in [
+            e for e, t in self._epoch_phases.items() if e != epoch and t.phase is Phase.COMPUTATION
+        ]:
+            self._epoch_phases[old].advance(Phase.AGGREGATION)  # superseded: its requests drain
+            self._commit_if_drained(old)
         self._placement = Placement(
             epoch=epoch, stages=stages, planned_over=frozenset(w.node_id for w in ready)
         )
@@ -453,6 +469,35 @@ class CoordinationService:
         return self._placement
 
     # -- the narrow interface the scheduler uses ------------------------------------------
+
+    def report_phase(self, scope: str, key: int, phase: Phase) -> None:
+        self.metrics.emit(PhaseChanged(scope=scope, key=key, phase=str(phase)))
+
+    def request_started(self, epoch: int) -> None:
+        """A request entered the pipeline on placement ``epoch``."""
+        self._epoch_requests[epoch] += 1
+
+    def request_finished(self, epoch: int) -> None:
+        """A request on placement ``epoch`` left the pipeline (answered, failed or dropped)."""
+        self._epoch_requests[epoch] -= 1
+        if self._epoch_requests[epoch] <= 0:
+            del self._epoch_requests[epoch]
+            self._commit_if_drained(epoch)
+
+    def _commit_if_drained(self, epoch: int) -> None:
+        tracker = self._epoch_phases.get(epoch)
+        if (
+            tracker is not None
+            and tracker.phase is Phase.AGGREGATION
+            and not self._epoch_requests[epoch]
+        ):
+            tracker.advance(Phase.COMMITMENT)
+            del self._epoch_phases[epoch]
+
+    def epoch_phase(self, epoch: int) -> Phase | None:
+        """The phase of placement ``epoch``; ``None`` once it is committed (or never existed)."""
+        tracker = self._epoch_phases.get(epoch)
+        return tracker.phase if tracker is not None else None
 
     async def send(self, node_id: str, message: Message) -> None:
         """Send ``message`` to the worker ``node_id``; raises ``NetworkError`` if it is not connected."""

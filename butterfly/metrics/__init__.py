@@ -3,6 +3,7 @@
 from .collector import MetricsService as MetricsService
 from .collector import MetricsSink as MetricsSink
 from .events import Event as Event
+from .events import PhaseChanged as PhaseChanged
 from .events import PlacementChanged as PlacementChanged
 from .events import PlanComputed as PlanComputed
 from .events import RequestCompleted as RequestCompleted

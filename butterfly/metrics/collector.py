@@ -17,6 +17,7 @@ import trio
 from ..config import MetricsConfig
 from .events import (
     Event,
+    PhaseChanged,
     PlacementChanged,
     PlanComputed,
     RequestCompleted,
@@ -43,6 +44,7 @@ class MetricsService:
         self.worker_states: dict[str, str] = {}
         self.placements = 0
         self.plan_cache = collections.Counter[str]()
+        self.phases = collections.Counter[str]()
         self.last_planning_s = 0.0
         self.latencies: collections.deque[float] = collections.deque(
             maxlen=self.config.latency_window
@@ -64,6 +66,8 @@ class MetricsService:
                 self.worker_states[node] = state
             case PlacementChanged():
                 self.placements += 1
+            case PhaseChanged(scope=scope, phase=phase):
+                self.phases[f"{scope}:{phase}"] += 1
             case PlanComputed(cache_hit=hit, planning_s=planning_s):
                 self.plan_cache["hits" if hit else "misses"] += 1
                 if not hit:
@@ -83,6 +87,7 @@ class MetricsService:
             "latency_p99_s": pct(0.99),
             "latency_mean_s": statistics.fmean(lat) if lat else None,
             "placements": self.placements,
+            "phase_transitions": dict(self.phases),
             "plan_cache_hits": self.plan_cache["hits"],
             "plan_cache_misses": self.plan_cache["misses"],
             "last_planning_s": self.last_planning_s,

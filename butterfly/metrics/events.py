@@ -6,6 +6,7 @@ import attrs
 
 __all__ = [
     "Event",
+    "PhaseChanged",
     "PlacementChanged",
     "PlanComputed",
     "RequestCompleted",
@@ -47,4 +48,20 @@ class PlanComputed:
     strategy: str
 
 
-Event = RequestCompleted | RequestFailed | WorkerStateChanged | PlacementChanged | PlanComputed
+@attrs.frozen
+class PhaseChanged:
+    """An epoch or a request moved to ``phase`` (see ``butterfly.coordination.phases``)."""
+
+    scope: str
+    key: int
+    phase: str
+
+
+Event = (
+    RequestCompleted
+    | RequestFailed
+    | WorkerStateChanged
+    | PlacementChanged
+    | PlanComputed
+    | PhaseChanged
+)

@@ -24,6 +24,7 @@ import trio
 
 from ..config import SchedulingConfig
 from ..coordination import CoordinationService, Placement, Response, WorkerLost, error_from_wire
+from ..coordination.phases import Phase, PhaseTracker
 from ..errors import (
     ApiError,
     ButterflyError,
@@ -62,6 +63,7 @@ class _Batch:
     request_id: int
     tasks: list[InferenceTask]
     placement: Placement | None = None
+    phases: PhaseTracker | None = None
     #: Set on the outcome, and whenever one of its tasks is cancelled or expires.
     wake: trio.Event = attrs.field(factory=trio.Event)
     result: WireTensor | None = None
@@ -300,6 +302,11 @@ class SchedulingService:
         """Run the batch through the pipeline; if a worker is lost on the way, run it again on
         the new placement (each attempt under a fresh request id, so a late answer from an
         earlier attempt is ignored and every task is answered exactly once)."""
+        if batch.phases is None:
+            # Keyed by the first task: request ids change from one attempt to the next.
+            batch.phases = PhaseTracker(
+                "request", batch.tasks[0].task_id, self.coordination.report_phase
+            )
         for attempt in range(self.config.max_retries + 1):
             batch.request_id = next(self._request_ids)
             batch.result, batch.error = None, None
@@ -316,10 +323,14 @@ class SchedulingService:
 
     async def _attempt(self, batch: _Batch) -> None:
         """One trip: wait for its outcome, its tasks' deadlines or their cancellation."""
+        assert batch.phases is not None
         try:
             batch.placement = await self.coordination.ensure_placement()
+            batch.phases.advance(Phase.ASSIGNMENT)
             tensor = concat([t.input for t in batch.tasks])
             self._batches[batch.request_id] = batch
+            epoch = batch.placement.epoch
+            self.coordination.request_started(epoch)
             try:
                 first = batch.placement.stages[0]
                 await self.coordination.send(
@@ -332,9 +343,11 @@ class SchedulingService:
                         tensor=tensor,
                     ),
                 )
+                batch.phases.advance(Phase.COMPUTATION)
                 await self._await_outcome(batch)
             finally:
                 del self._batches[batch.request_id]
+                self.coordination.request_finished(epoch)
                 if not batch.answered:
                     with trio.CancelScope(shield=True), trio.move_on_after(1):
                         await self._cancel_on_workers(batch)
@@ -363,6 +376,8 @@ class SchedulingService:
             return
         if batch.result is None:
             return
+        if batch.phases is not None:
+            batch.phases.advance(Phase.AGGREGATION)
         try:
             outputs = split(batch.result, [t.rows for t in batch.tasks])
         except ButterflyError as exc:
@@ -371,6 +386,8 @@ class SchedulingService:
             return
         for task, output in zip(batch.tasks, outputs, strict=True):
             task.finish(TaskStatus.COMPLETED, result=output)
+        if batch.phases is not None:
+            batch.phases.advance(Phase.COMMITMENT)
 
     async def _cancel_on_workers(self, batch: _Batch) -> None:
         if batch.placement is None:
