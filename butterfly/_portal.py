@@ -149,7 +149,3 @@ class Portal:
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()

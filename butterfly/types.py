@@ -55,9 +55,6 @@ class Link:
     bandwidth_bytes_per_s: float
     latency_s: float
 
-    def transfer_ms(self, nbytes: int) -> float:
-        return (nbytes / self.bandwidth_bytes_per_s + self.latency_s) * 1000
-
 
 @attrs.frozen
 class Topology:

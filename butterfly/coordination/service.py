@@ -507,9 +507,6 @@ class CoordinationService:
                 return
         raise NetworkError(f"worker {node_id!r} is not connected")
 
-    def address_of(self, node_id: str) -> str:
-        return next((w.address for w in self._workers.values() if w.node_id == node_id), "?")
-
     def cluster(self) -> ClusterInfo:
         placement = self._placement
         return ClusterInfo(

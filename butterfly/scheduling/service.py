@@ -187,10 +187,6 @@ class SchedulingService:
             raise task.error
         return task.result
 
-    async def infer(self, tensor: WireTensor, *, timeout: float) -> WireTensor:
-        """Submit and wait: one blocking request."""
-        return await self.wait(self.submit_task(tensor, timeout=timeout))
-
     def _on_task_done(self, task: InferenceTask) -> None:
         self._tasks.pop(task.task_id, None)
         self._running.pop(task.task_id, None)
