@@ -146,6 +146,8 @@ class PeerChannel:
             epoch=1,
             stage=1,
             origin="bench",
+            layer=0,
+            compute_s=0.0,
             tensor=array_to_wire(array),
         )
         await self.peer.send(message)

@@ -76,6 +76,10 @@ class SchedulingConfig:
     max_batch_wait_ms: float = attrs.field(default=0.0, validator=_non_negative_seconds)
     #: Times a request is re-run on a new placement when a worker it used is lost.
     max_retries: int = attrs.field(default=3, validator=v.ge(0))
+    #: Seconds after which an attempt that got no answer, no error and lost no worker is
+    #: presumed lost on the way (a dropped message) and run again. The effective timeout
+    #: is at least 3× the slowest recent request, so long requests are not re-run early.
+    attempt_timeout: float = attrs.field(default=30.0, validator=_positive_seconds)
 
 
 @attrs.frozen
@@ -105,6 +109,11 @@ class CoordinationConfig:
     min_std_deviation: float = attrs.field(default=0.1, validator=_positive_seconds)
     #: Seconds of silence beyond the usual interval that raise no suspicion (GC, load bursts).
     acceptable_heartbeat_pause: float = attrs.field(default=3.0, validator=_non_negative_seconds)
+    #: Seconds of compute after which a request's activation at the next stage boundary is
+    #: also sent back to the coordinator, so a re-run after a failure resumes there instead
+    #: of at the input. Costs one extra activation transfer per interval and, on the
+    #: coordinator, one activation held per running request. 0 disables checkpoints.
+    checkpoint_interval: float = attrs.field(default=10.0, validator=_non_negative_seconds)
 
 
 @attrs.frozen

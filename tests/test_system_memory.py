@@ -29,6 +29,7 @@ from butterfly.transport import MemoryNetwork
 from butterfly.types import WorkerState
 from butterfly.worker import WorkerService
 from tests.inmemory import FAST, local_forward, start_workers
+from tests.models import sleepy
 
 
 async def test_infer_through_three_workers_equals_the_local_forward() -> None:
@@ -205,6 +206,42 @@ async def test_without_retries_a_lost_worker_fails_its_request() -> None:
         nursery.cancel_scope.cancel()
 
 
+CHECKPOINTS = {**FAST, "coordination": {**FAST["coordination"], "checkpoint_interval": 0.3}}
+
+
+@pytest.mark.parametrize(("config", "resumed_at"), [(CHECKPOINTS, 4), (FAST, 0)])
+async def test_a_rerun_after_a_loss_resumes_from_the_last_checkpoint(
+    config: dict[str, object], resumed_at: int
+) -> None:
+    # sleepy: three stages of 0.5 s on three workers; with a 0.3 s checkpoint interval the
+    # coordinator holds the inputs of layers 2 and then 4 when the last worker dies.
+    net = MemoryNetwork()
+    async with trio.open_nursery() as nursery:
+        scopes = [
+            await nursery.start(_cancellable_worker, net, i, "tests.models:sleepy") for i in range(3)
+        ]
+        await trio.sleep(0.05)
+        async with AsyncButterfly.connect(["mem://w0"], transport=net, config=config) as b:
+
+            async def kill_last_stage_soon() -> None:
+                await trio.sleep(1.25)  # the request is in the last stage
+                scopes[2].cancel()
+
+            nursery.start_soon(kill_last_stage_soon)
+            x = torch.randn(1, 64)
+            y = await b.infer(x)
+            with torch.inference_mode():
+                torch.testing.assert_close(y, sleepy()(x), rtol=0, atol=0)
+            metrics = b.metrics()
+            assert metrics["requests_retried"] == {"network": 1}
+            assert metrics["requests_resumed_from_checkpoint"] == (1 if resumed_at else 0)
+            assert [s.layers for s in b.cluster().stages] == [range(0, 3), range(3, 6)]
+            # Resumed at layer 4 only the second survivor computes again; from the input, both.
+            computed = [scopes[i].service.computed for i in (0, 1)]
+            assert computed == ([1, 2] if resumed_at else [2, 2])
+        nursery.cancel_scope.cancel()
+
+
 def _slow_reference(x: torch.Tensor) -> torch.Tensor:
     from tests.models import slow_mlp
 
@@ -212,12 +249,27 @@ def _slow_reference(x: torch.Tensor) -> torch.Tensor:
         return slow_mlp()(x)
 
 
+class _KillableWorker:
+    """A worker in its own cancel scope: ``cancel()`` is the in-process SIGKILL."""
+
+    def __init__(self, scope: trio.CancelScope, service: WorkerService) -> None:
+        self.scope = scope
+        self.service = service
+
+    def cancel(self) -> None:
+        self.scope.cancel()
+
+
 async def _cancellable_worker(
-    net: MemoryNetwork, i: int, task_status: trio.TaskStatus[trio.CancelScope]
+    net: MemoryNetwork,
+    i: int,
+    model: str = "tests.models:slow_mlp",
+    *,
+    task_status: trio.TaskStatus[_KillableWorker],
 ) -> None:
     with trio.CancelScope() as scope:
         worker = WorkerService(
-            ModelSource("tests.models:slow_mlp", profile=False),
+            ModelSource(model, profile=False),
             transport=net,
             listen=f"mem://w{i}",
             peers=("mem://w0",) if i else (),
@@ -225,7 +277,7 @@ async def _cancellable_worker(
         )
         async with trio.open_nursery() as inner:
             await inner.start(worker.run)
-            task_status.started(scope)
+            task_status.started(_KillableWorker(scope, worker))
 
 
 async def test_workers_with_different_weights_are_refused_at_connect() -> None:

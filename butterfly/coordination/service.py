@@ -9,6 +9,7 @@ to the scheduler through a typed memory channel, never by reaching into its stat
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
 import time
@@ -34,9 +35,9 @@ from ..protocol import (
     Ack,
     Assign,
     Assigned,
+    Checkpoint,
     Error,
     Handshake,
-    Heartbeat,
     Hello,
     InputSpec,
     Message,
@@ -57,6 +58,7 @@ from ..types import (
     WorkerState,
 )
 from .detector import PhiAccrualDetector
+from .liveness import new_detector, watch_link
 from .phases import Phase, PhaseTracker
 
 __all__ = ["CoordinationService", "Placement", "WorkerLost"]
@@ -79,7 +81,7 @@ class WorkerLost:
 
 
 #: What the scheduler receives from the coordination service.
-Response = Result | Error | WorkerLost
+Response = Result | Error | Checkpoint | WorkerLost
 
 
 @attrs.frozen
@@ -216,7 +218,12 @@ class CoordinationService:
             self.metrics.emit(WorkerStateChanged(worker.node_id, str(state)))
 
     def _hello(self) -> Hello:
-        return Hello(version=PROTOCOL_VERSION, node_id=self.node_id, role="coordinator")
+        return Hello(
+            version=PROTOCOL_VERSION,
+            node_id=self.node_id,
+            role="coordinator",
+            heartbeat_interval=self.config.coordination.heartbeat_interval,
+        )
 
     async def _session(self, worker: _Worker) -> None:
         """Hold the link to one worker; reconnect with capped backoff after each failure."""
@@ -268,17 +275,20 @@ class CoordinationService:
                 )
             worker.hello = hello
             worker.peer = peer
-            cfg = self.config.coordination
-            worker.detector = PhiAccrualDetector(
-                threshold=cfg.phi_threshold,
-                window=cfg.phi_window,
-                min_std=cfg.min_std_deviation,
-                acceptable_pause=cfg.acceptable_heartbeat_pause,
-                first_interval=cfg.heartbeat_interval,
-            )
-            worker.detector.heartbeat(trio.current_time())
+            # The worker answers our heartbeats: their pace is ours.
+            worker.detector = detector = new_detector(self.config.coordination)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._heartbeat, worker, peer)
+                nursery.start_soon(
+                    functools.partial(
+                        watch_link,
+                        peer,
+                        detector,
+                        self.config.coordination,
+                        label=f"worker {hello.node_id} at {worker.address}",
+                        send_heartbeats=True,
+                        seq=worker.seq,
+                    )
+                )
                 nursery.start_soon(self._receive_loop, worker, peer)
                 worker.link = await self._measure_link(worker, peer)
                 self._set_state(worker, WorkerState.READY)
@@ -309,22 +319,6 @@ class CoordinationService:
             raise NetworkError(f"worker at {worker.address} did not answer a link probe") from None
         return Link(bandwidth_bytes_per_s=_PROBE_BYTES / max(extra, 1e-6), latency_s=rtt / 2)
 
-    async def _heartbeat(self, worker: _Worker, peer: Peer) -> None:
-        cfg = self.config.coordination
-        assert worker.detector is not None
-        while True:
-            await trio.sleep(cfg.heartbeat_interval)
-            level = worker.detector.phi(trio.current_time())
-            if level >= cfg.phi_threshold:
-                # A stopped process keeps its socket open: suspicion is the only sign.
-                log.warning(
-                    "worker %s at %s suspected (phi %.1f)", worker.node_id, worker.address, level
-                )
-                await peer.conn.aclose()
-                return
-            with trio.move_on_after(cfg.heartbeat_interval):
-                await peer.send(Heartbeat(seq=next(worker.seq)))
-
     async def _receive_loop(self, worker: _Worker, peer: Peer) -> None:
         while True:
             message: Message = await peer.receive()
@@ -346,7 +340,7 @@ class CoordinationService:
                     worker.assign_error = text
                     for event in worker.assigned.values():
                         event.set()
-                case Result() | Error():
+                case Result() | Error() | Checkpoint():
                     await self.responses.send(message)
                 case _:
                     log.info("ignoring %s from %s", type(message).__name__, worker.address)
@@ -429,7 +423,11 @@ class CoordinationService:
         epoch = self._epoch
         phases = self._epoch_phases[epoch] = PhaseTracker("epoch", epoch, self.report_phase)
         phases.advance(Phase.ASSIGNMENT)
-        assign = Assign(epoch=epoch, stages=stages)
+        assign = Assign(
+            epoch=epoch,
+            stages=stages,
+            checkpoint_interval=self.config.coordination.checkpoint_interval,
+        )
         for w in ready:
             w.assigned[epoch] = trio.Event()
             w.assign_error = ""

@@ -8,4 +8,5 @@ from .events import PlacementChanged as PlacementChanged
 from .events import PlanComputed as PlanComputed
 from .events import RequestCompleted as RequestCompleted
 from .events import RequestFailed as RequestFailed
+from .events import RequestRetried as RequestRetried
 from .events import WorkerStateChanged as WorkerStateChanged

@@ -22,6 +22,7 @@ from .events import (
     PlanComputed,
     RequestCompleted,
     RequestFailed,
+    RequestRetried,
     WorkerStateChanged,
 )
 
@@ -41,6 +42,8 @@ class MetricsService:
         self.config = config or MetricsConfig()
         self.completed = 0
         self.failed: collections.Counter[str] = collections.Counter()
+        self.retried: collections.Counter[str] = collections.Counter()
+        self.resumed = 0
         self.worker_states: dict[str, str] = {}
         self.placements = 0
         self.plan_cache = collections.Counter[str]()
@@ -62,6 +65,9 @@ class MetricsService:
                 self.latencies.append(latency)
             case RequestFailed(kind=kind):
                 self.failed[kind] += 1
+            case RequestRetried(reason=reason, layer=layer):
+                self.retried[reason] += 1
+                self.resumed += layer > 0
             case WorkerStateChanged(node_id=node, state=state):
                 self.worker_states[node] = state
             case PlacementChanged():
@@ -83,6 +89,8 @@ class MetricsService:
         return {
             "requests_completed": self.completed,
             "requests_failed": dict(self.failed),
+            "requests_retried": dict(self.retried),
+            "requests_resumed_from_checkpoint": self.resumed,
             "latency_p50_s": pct(0.5),
             "latency_p99_s": pct(0.99),
             "latency_mean_s": statistics.fmean(lat) if lat else None,

@@ -11,6 +11,7 @@ __all__ = [
     "PlanComputed",
     "RequestCompleted",
     "RequestFailed",
+    "RequestRetried",
     "WorkerStateChanged",
 ]
 
@@ -26,6 +27,17 @@ class RequestCompleted:
 class RequestFailed:
     request_id: int
     kind: str
+
+
+@attrs.frozen
+class RequestRetried:
+    """Request ``request_id`` runs again (``attempt`` ≥ 1) after a failure of kind ``reason``,
+    starting at layer ``layer``: 0 from its input, more from a checkpoint."""
+
+    request_id: int
+    attempt: int
+    reason: str
+    layer: int
 
 
 @attrs.frozen
@@ -60,6 +72,7 @@ class PhaseChanged:
 Event = (
     RequestCompleted
     | RequestFailed
+    | RequestRetried
     | WorkerStateChanged
     | PlacementChanged
     | PlanComputed

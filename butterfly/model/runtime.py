@@ -28,6 +28,7 @@ class StageRuntime:
         device: torch.device,
         limiter: trio.CapacityLimiter,
         max_bytes: int,
+        in_thread: bool = True,
     ) -> None:
         self.layers = layers
         self.start = start
@@ -35,15 +36,29 @@ class StageRuntime:
         self.device = device
         self.limiter = limiter
         self.max_bytes = max_bytes
+        #: False computes on the event loop: only for deterministic simulations in tests,
+        #: where a thread's real duration must not decide what happens next.
+        self.in_thread = in_thread
 
-    async def forward(self, tensor: WireTensor) -> WireTensor:
-        """Decode, compute and encode one activation; all of it in the worker thread."""
-        return await trio.to_thread.run_sync(self._compute, tensor, limiter=self.limiter)
+    async def forward(self, tensor: WireTensor, *, first: int | None = None) -> WireTensor:
+        """Decode, compute and encode one activation; all of it in the worker thread.
 
-    def _compute(self, tensor: WireTensor) -> WireTensor:
+        ``first`` is the layer to start at (a request resuming from a checkpoint inside
+        this stage); by default the stage's first layer.
+        """
+        skip = 0 if first is None else first - self.start
+        if not 0 <= skip < self.stop - self.start:
+            raise ValueError(
+                f"layer {first} is not in this stage's layers {self.start}..{self.stop - 1}"
+            )
+        if not self.in_thread:
+            return self._compute(tensor, skip)
+        return await trio.to_thread.run_sync(self._compute, tensor, skip, limiter=self.limiter)
+
+    def _compute(self, tensor: WireTensor, skip: int) -> WireTensor:
         with torch.inference_mode():
             x = torch_from_wire(tensor, device=self.device, max_bytes=self.max_bytes)
-            y = self.layers(x)
+            y = self.layers[skip:](x) if skip else self.layers(x)
             if not isinstance(y, torch.Tensor):
                 raise TypeError(
                     f"layers {self.start}..{self.stop - 1} returned {type(y).__name__}, not a tensor"

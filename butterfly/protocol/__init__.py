@@ -14,6 +14,7 @@ from .messages import Activation as Activation
 from .messages import Assign as Assign
 from .messages import Assigned as Assigned
 from .messages import Cancel as Cancel
+from .messages import Checkpoint as Checkpoint
 from .messages import Error as Error
 from .messages import Heartbeat as Heartbeat
 from .messages import Hello as Hello

@@ -67,7 +67,7 @@ def encode_parts(message: Message) -> tuple[bytes | memoryview, ...]:
 
     A large tensor payload is returned as its own buffer (a view of the tensor's
     memory) instead of being copied into the frame: it is the last field of the last
-    field of Activation and Result, so the frame is ``envelope + bin32 header + data``.
+    field of Activation, Result and Checkpoint, so the frame is ``envelope + bin32 header + data``.
     """
     tensor = getattr(message, "tensor", None)
     if tensor is None or not SCATTER_THRESHOLD <= len(tensor.data) < 1 << 32:

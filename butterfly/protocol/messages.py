@@ -1,7 +1,10 @@
 """The wire messages: one tagged union of frozen msgspec Structs.
 
 Schema evolution rule: fields are only ever *appended*, with defaults, so an older
-peer decodes a newer message (``array_like`` encodes fields by position).
+peer decodes a newer message (``array_like`` encodes fields by position). The one
+exception is a message carrying a tensor: the tensor stays its last field (so a large
+payload is sent from its own memory, see ``codec.encode_parts``), and a new field before
+it bumps :data:`PROTOCOL_VERSION`, which the handshake checks.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ __all__ = [
     "Assign",
     "Assigned",
     "Cancel",
+    "Checkpoint",
     "Error",
     "Heartbeat",
     "Hello",
@@ -28,7 +32,8 @@ __all__ = [
 ]
 
 #: Bumped on any change that an older peer cannot decode.
-PROTOCOL_VERSION = 1
+#: 2: Activation gained ``layer`` and ``compute_s`` (checkpoints and resuming from them).
+PROTOCOL_VERSION = 2
 
 
 class _Struct(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=False):
@@ -100,6 +105,8 @@ class Hello(_Struct, tag="hello", frozen=True):
     layers: tuple[LayerProfile, ...] = ()
     #: Bytes of memory free for weights on this worker's device.
     memory_available: int = 0
+    #: Seconds between the heartbeats this side sends (the other side expects that pace).
+    heartbeat_interval: float = 0.0
 
 
 class Heartbeat(_Struct, tag="heartbeat", frozen=True):
@@ -126,6 +133,9 @@ class Assign(_Struct, tag="assign", frozen=True):
 
     epoch: int
     stages: tuple[StageSpec, ...]
+    #: Seconds of compute after which a request's activation is also sent back to its
+    #: coordinator as a :class:`Checkpoint` (0: never).
+    checkpoint_interval: float = 0.0
 
 
 class Assigned(_Struct, tag="assigned", frozen=True):
@@ -136,12 +146,27 @@ class Assigned(_Struct, tag="assigned", frozen=True):
 
 
 class Activation(_Struct, tag="activation", frozen=True):
-    """Input of ``stage`` for request ``request_id``; the last stage answers ``origin``."""
+    """Input of layer ``layer`` (in ``stage``) for request ``request_id``; the last stage
+    answers ``origin``. ``layer`` is the stage's first layer except when a request resumes
+    from a checkpoint; ``compute_s`` is the compute spent on the request since its last
+    checkpoint (or its start)."""
 
     request_id: int
     epoch: int
     stage: int
     origin: str
+    layer: int
+    compute_s: float
+    tensor: WireTensor
+
+
+class Checkpoint(_Struct, tag="checkpoint", frozen=True):
+    """The input of layer ``layer`` for request ``request_id``, kept by its coordinator so
+    that a re-run after a failure resumes there instead of at the first layer."""
+
+    request_id: int
+    epoch: int
+    layer: int
     tensor: WireTensor
 
 
@@ -172,4 +197,16 @@ class Cancel(_Struct, tag="cancel", frozen=True):
     origin: str = ""
 
 
-Message = Hello | Heartbeat | Ack | Probe | Assign | Assigned | Activation | Result | Error | Cancel
+Message = (
+    Hello
+    | Heartbeat
+    | Ack
+    | Probe
+    | Assign
+    | Assigned
+    | Activation
+    | Result
+    | Error
+    | Cancel
+    | Checkpoint
+)

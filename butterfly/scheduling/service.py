@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import math
 from collections.abc import Callable
 
 import attrs
@@ -35,8 +34,8 @@ from ..errors import (
     SchedulingError,
     error_kind,
 )
-from ..metrics import MetricsSink, RequestCompleted, RequestFailed
-from ..protocol import Activation, Cancel, Error, Result, WireTensor
+from ..metrics import MetricsSink, RequestCompleted, RequestFailed, RequestRetried
+from ..protocol import Activation, Cancel, Checkpoint, Error, Result, StageSpec, WireTensor
 from .batching import batch_key, concat, split
 from .policy import make_policy
 from .task import InferenceTask, TaskStatus
@@ -49,6 +48,8 @@ log = logging.getLogger(__name__)
 _FINISHED_MEMORY = 10_000
 #: Pause before re-running a request whose worker was lost, times the attempt number.
 _RETRY_DELAY_S = 0.05
+#: An attempt is presumed lost no sooner than this many times the slowest recent one.
+_ATTEMPT_TIMEOUT_FACTOR = 3
 
 
 def _retriable(error: ButterflyError | None) -> bool:
@@ -68,6 +69,8 @@ class _Batch:
     wake: trio.Event = attrs.field(factory=trio.Event)
     result: WireTensor | None = None
     error: ButterflyError | None = None
+    #: The latest stage boundary a worker sent back for this batch (kept across attempts).
+    checkpoint: Checkpoint | None = None
 
     @property
     def answered(self) -> bool:
@@ -100,6 +103,7 @@ class SchedulingService:
         self._batches: dict[int, _Batch] = {}
         self._running: dict[int, _Batch] = {}  # task id → its batch
         self._slots = trio.Semaphore(config.max_in_flight)
+        self._recent_attempts_s: collections.deque[float] = collections.deque(maxlen=64)
         self._queue_changed = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
@@ -305,8 +309,9 @@ class SchedulingService:
             )
         for attempt in range(self.config.max_retries + 1):
             batch.request_id = next(self._request_ids)
+            reason = error_kind(batch.error) if batch.error is not None else ""
             batch.result, batch.error = None, None
-            await self._attempt(batch)
+            await self._attempt(batch, attempt, reason)
             if not (_retriable(batch.error) and batch.live() and attempt < self.config.max_retries):
                 return
             log.info(
@@ -317,30 +322,37 @@ class SchedulingService:
             # Let coordination notice the loss before planning again.
             await trio.sleep(_RETRY_DELAY_S * (attempt + 1))
 
-    async def _attempt(self, batch: _Batch) -> None:
-        """One trip: wait for its outcome, its tasks' deadlines or their cancellation."""
+    async def _attempt(self, batch: _Batch, attempt: int, reason: str) -> None:
+        """One trip: wait for its outcome, its tasks' deadlines or their cancellation;
+        ``reason`` is the kind of error that ended the previous attempt."""
         assert batch.phases is not None
         try:
             batch.placement = await self.coordination.ensure_placement()
             batch.phases.advance(Phase.ASSIGNMENT)
-            tensor = concat([t.input for t in batch.tasks])
+            stage, layer, tensor = self._entry(batch)
+            if attempt:
+                self.metrics.emit(RequestRetried(batch.tasks[0].task_id, attempt, reason, layer))
             self._batches[batch.request_id] = batch
             epoch = batch.placement.epoch
             self.coordination.request_started(epoch)
+            started = trio.current_time()
             try:
-                first = batch.placement.stages[0]
                 await self.coordination.send(
-                    first.node_id,
+                    stage.node_id,
                     Activation(
                         request_id=batch.request_id,
-                        epoch=batch.placement.epoch,
-                        stage=0,
+                        epoch=epoch,
+                        stage=stage.index,
                         origin=self.coordination.node_id,
+                        layer=layer,
+                        compute_s=0.0,
                         tensor=tensor,
                     ),
                 )
                 batch.phases.advance(Phase.COMPUTATION)
-                await self._await_outcome(batch)
+                await self._await_outcome(batch, started)
+                if batch.result is not None:
+                    self._recent_attempts_s.append(trio.current_time() - started)
             finally:
                 del self._batches[batch.request_id]
                 self.coordination.request_finished(epoch)
@@ -350,19 +362,42 @@ class SchedulingService:
         except ButterflyError as exc:
             batch.error = batch.error or exc
 
-    async def _await_outcome(self, batch: _Batch) -> None:
+    def _entry(self, batch: _Batch) -> tuple[StageSpec, int, WireTensor]:
+        """Where an attempt starts: at the batch's checkpoint if it has one, else at its input."""
+        assert batch.placement is not None
+        stages = batch.placement.stages
+        checkpoint = batch.checkpoint
+        if checkpoint is not None:
+            for stage in stages:
+                if stage.start <= checkpoint.layer < stage.stop:
+                    return stage, checkpoint.layer, checkpoint.tensor
+        return stages[0], stages[0].start, concat([t.input for t in batch.tasks])
+
+    def _attempt_timeout(self) -> float:
+        slowest = max(self._recent_attempts_s, default=0.0)
+        return max(self.config.attempt_timeout, _ATTEMPT_TIMEOUT_FACTOR * slowest)
+
+    async def _await_outcome(self, batch: _Batch, started: float) -> None:
+        timeout = self._attempt_timeout()
+        give_up_at = started + timeout
         while not batch.answered:
             live = batch.live()
             if not live:
                 return  # every task was cancelled or expired: nobody waits for this batch
             deadlines = [t.deadline for t in live if t.deadline is not None]
-            with trio.move_on_at(min(deadlines) if deadlines else math.inf):
+            with trio.move_on_at(min([*deadlines, give_up_at])):
                 await batch.wake.wait()
             batch.wake = trio.Event()
             now = trio.current_time()
             for task in live:
                 if task.deadline is not None and task.deadline <= now:
                     self._expire(task)
+            if not batch.answered and now >= give_up_at:
+                # No answer, no error, no worker lost: a message went missing on the way.
+                batch.error = NetworkError(
+                    f"request {batch.request_id} got no answer within {timeout:g} s "
+                    "(scheduling.attempt_timeout); presumed lost on the way"
+                )
 
     def _settle(self, batch: _Batch) -> None:
         live = batch.live()
@@ -388,7 +423,7 @@ class SchedulingService:
     async def _cancel_on_workers(self, batch: _Batch) -> None:
         if batch.placement is None:
             return
-        for node in batch.placement.nodes:
+        for node in sorted(batch.placement.nodes):
             try:
                 await self.coordination.send(
                     node, Cancel(request_id=batch.request_id, origin=self.coordination.node_id)
@@ -410,6 +445,14 @@ class SchedulingService:
                     ):
                         batch.result = tensor
                         batch.wake.set()
+                case Checkpoint(request_id=rid, epoch=epoch):
+                    batch = self._batches.get(rid)
+                    if (
+                        batch is not None
+                        and batch.placement is not None
+                        and batch.placement.epoch == epoch
+                    ):
+                        batch.checkpoint = response
                 case Error(request_id=rid):
                     batch = self._batches.get(rid)
                     if batch is not None:

@@ -70,18 +70,19 @@ class MemoryNetwork:
     """A namespace of in-memory listeners; implements the :class:`Transport` interface."""
 
     def __init__(self, *, max_message_size: int = 1 << 30, buffer: int = 16) -> None:
-        self._listeners: dict[str, trio.MemorySendChannel[MemoryConnection]] = {}
+        self._listeners: dict[str, trio.MemorySendChannel[Connection]] = {}
         self._max_message_size = max_message_size
         self._buffer = buffer
         self._ids = itertools.count()
 
-    def _pair(self, a: str, b: str) -> tuple[MemoryConnection, MemoryConnection]:
-        a_to_b_send, a_to_b_recv = trio.open_memory_channel[bytes](self._buffer)
-        b_to_a_send, b_to_a_recv = trio.open_memory_channel[bytes](self._buffer)
+    def _pair(self, client: str, server: str) -> tuple[Connection, Connection]:
+        """Both ends of a new connection from ``client`` to ``server``: (client's, server's)."""
+        to_server_send, to_server_recv = trio.open_memory_channel[bytes](self._buffer)
+        to_client_send, to_client_recv = trio.open_memory_channel[bytes](self._buffer)
         size = self._max_message_size
         return (
-            MemoryConnection(a_to_b_send, b_to_a_recv, remote=b, max_message_size=size),
-            MemoryConnection(b_to_a_send, a_to_b_recv, remote=a, max_message_size=size),
+            MemoryConnection(to_server_send, to_client_recv, remote=server, max_message_size=size),
+            MemoryConnection(to_client_send, to_server_recv, remote=client, max_message_size=size),
         )
 
     def validate_address(self, address: str) -> None:
@@ -89,11 +90,12 @@ class MemoryNetwork:
             raise NetworkError("empty address")
 
     @asynccontextmanager
-    async def connect(self, address: str) -> AsyncIterator[Connection]:
+    async def connect(self, address: str, *, local: str = "") -> AsyncIterator[Connection]:
+        """Connect to ``address``; ``local`` names this end (default: a fresh ``client-N``)."""
         listener = self._listeners.get(address)
         if listener is None:
             raise NetworkError(f"nothing listens on {address}")
-        client, server = self._pair(address, f"client-{next(self._ids)}")
+        client, server = self._pair(local or f"client-{next(self._ids)}", address)
         try:
             await listener.send(server)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -112,7 +114,7 @@ class MemoryNetwork:
     ) -> None:
         if address in self._listeners:
             raise NetworkError(f"{address} is already in use")
-        send, receive = trio.open_memory_channel[MemoryConnection](self._buffer)
+        send, receive = trio.open_memory_channel[Connection](self._buffer)
         self._listeners[address] = send
         try:
             async with trio.open_nursery() as nursery:
@@ -124,7 +126,7 @@ class MemoryNetwork:
             send.close()
 
 
-async def _handle(handler: ConnectionHandler, conn: MemoryConnection) -> None:
+async def _handle(handler: ConnectionHandler, conn: Connection) -> None:
     try:
         await handler(conn)
     except Exception as exc:

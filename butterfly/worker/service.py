@@ -12,10 +12,12 @@ placement; an Activation names its coordinator (``origin``), epoch and stage.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from typing import TypeVar
 
 import attrs
 import torch
@@ -23,6 +25,8 @@ import trio
 
 from .._errors import unwrap_groups
 from ..config import ButterflyConfig
+from ..coordination.detector import PhiAccrualDetector
+from ..coordination.liveness import new_detector, watch_link
 from ..errors import ButterflyError, ComputeError, CoordinationError, NetworkError, error_kind
 from ..model import ModelInfo, ModelSource, StageRuntime
 from ..model.profile import available_memory
@@ -33,6 +37,7 @@ from ..protocol import (
     Assign,
     Assigned,
     Cancel,
+    Checkpoint,
     Error,
     Handshake,
     Heartbeat,
@@ -44,6 +49,8 @@ from ..protocol import (
 from ..transport import Connection, Peer, Transport, dial_peer, open_peer
 
 __all__ = ["WorkerService"]
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,7 @@ _KEPT_EPOCHS = 2
 class _Plan:
     epoch: int
     stages: tuple[StageSpec, ...]
+    checkpoint_interval: float = 0.0
 
 
 class WorkerService:
@@ -72,6 +80,7 @@ class WorkerService:
         peers: tuple[str, ...] = (),
         advertise: str | None = None,
         node_id: str | None = None,
+        in_threads: bool = True,
     ) -> None:
         self.source = source
         self.transport = transport
@@ -80,6 +89,9 @@ class WorkerService:
         self.peers = list(dict.fromkeys(peers))
         self.advertise = advertise
         self.node_id = node_id or f"worker-{uuid.uuid4().hex[:8]}"
+        #: Load and compute in worker threads; False keeps everything on the event loop,
+        #: which makes a simulation on a mock clock replay exactly (tests only).
+        self.in_threads = in_threads
         self.address = ""
         self.info: ModelInfo | None = None
         self.memory_available = 0
@@ -105,7 +117,7 @@ class WorkerService:
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Describe the model, bind the listener, report the address, serve until cancelled."""
-        self.info = await trio.to_thread.run_sync(self.source.describe)
+        self.info = await self._off_loop(self.source.describe)
         self.memory_available = available_memory(self.source.device)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -114,6 +126,9 @@ class WorkerService:
             for address in self.peers:
                 nursery.start_soon(self._announce, address)
             task_status.started(self.address)
+
+    async def _off_loop(self, fn: Callable[..., T], *args: object) -> T:
+        return await trio.to_thread.run_sync(fn, *args) if self.in_threads else fn(*args)
 
     def hello(self, role: str = "worker") -> Hello:
         assert self.info is not None
@@ -129,6 +144,7 @@ class WorkerService:
             input_spec=self.info.input_spec,
             layers=self.info.profiles,
             memory_available=self.memory_available,
+            heartbeat_interval=self.config.coordination.heartbeat_interval,
         )
 
     def _open_peer(self, conn: Connection) -> AbstractAsyncContextManager[Peer]:
@@ -173,41 +189,64 @@ class WorkerService:
         origin = hello.node_id
         self._coordinators[origin] = peer
         try:
-            while True:
-                message = await _receive_or_none(peer)
-                match message:
-                    case None:
-                        return
-                    case Heartbeat(seq=seq) | Probe(seq=seq):
-                        await peer.send(Ack(seq=seq, peers=(self.address, *self.peers)))
-                    case Assign():
-                        self._spawn(self._assign, origin, message)
-                    case Activation():
-                        await self._admit(message)
-                    case Cancel(request_id=rid):
-                        self._cancel(origin, rid)
-                    case _:
-                        log.info("ignoring %s from coordinator %s", type(message).__name__, origin)
+            async with trio.open_nursery() as nursery:
+                detector = self._watch(nursery, peer, hello, f"coordinator {origin}", send=False)
+                await self._coordinator_loop(peer, origin, detector)
+                nursery.cancel_scope.cancel()
         finally:
             if self._coordinators.get(origin) is peer:
                 del self._coordinators[origin]
                 self._plans.pop(origin, None)
                 self._release_unused_stages()
 
+    def _watch(
+        self, nursery: trio.Nursery, peer: Peer, hello: Hello, label: str, *, send: bool
+    ) -> PhiAccrualDetector:
+        """Heartbeats on a long-lived link (see :mod:`butterfly.coordination.liveness`);
+        the side that sends them paces them, so expect its interval (from its Hello)."""
+        cfg = self.config.coordination
+        detector = new_detector(cfg, interval=hello.heartbeat_interval or cfg.heartbeat_interval)
+        nursery.start_soon(
+            functools.partial(watch_link, peer, detector, cfg, label=label, send_heartbeats=send)
+        )
+        return detector
+
+    async def _coordinator_loop(
+        self, peer: Peer, origin: str, detector: PhiAccrualDetector
+    ) -> None:
+        while True:
+            message = await _receive_or_none(peer)
+            match message:
+                case None:
+                    return
+                case Heartbeat(seq=seq) | Probe(seq=seq):
+                    detector.heartbeat(trio.current_time())
+                    await peer.send(Ack(seq=seq, peers=(self.address, *self.peers)))
+                case Assign():
+                    self._spawn(self._assign, origin, message)
+                case Activation():
+                    await self._admit(message)
+                case Cancel(request_id=rid):
+                    self._cancel(origin, rid)
+                case _:
+                    log.info("ignoring %s from coordinator %s", type(message).__name__, origin)
+
     async def _serve_downstream(self, peer: Peer, hello: Hello) -> None:
         """A worker pulls activations from us on this connection; we only send on it."""
         self._downstream[hello.node_id] = peer
         self._signal_links()
         try:
-            while True:
-                message = await _receive_or_none(peer)
-                match message:
-                    case None:
-                        return
-                    case Heartbeat(seq=seq):
-                        await peer.send(Ack(seq=seq))
-                    case _:
-                        pass
+            async with trio.open_nursery() as nursery:
+                label = f"downstream worker {hello.node_id}"
+                detector = self._watch(nursery, peer, hello, label, send=False)
+                while True:
+                    message = await _receive_or_none(peer)
+                    if message is None:
+                        break
+                    if isinstance(message, Heartbeat):
+                        detector.heartbeat(trio.current_time())
+                        await peer.send(Ack(seq=message.seq))
+                nursery.cancel_scope.cancel()
         finally:
             if self._downstream.get(hello.node_id) is peer:
                 del self._downstream[hello.node_id]
@@ -245,7 +284,7 @@ class WorkerService:
                 mine = [s for s in assign.stages if s.node_id == self.node_id]
                 for spec in mine:
                     if (spec.start, spec.stop) not in self._runtimes:
-                        layers = await trio.to_thread.run_sync(
+                        layers = await self._off_loop(
                             self.source.build_layers, spec.start, spec.stop
                         )
                         self._runtimes[(spec.start, spec.stop)] = StageRuntime(
@@ -255,6 +294,7 @@ class WorkerService:
                             device=self.source.device,
                             limiter=self.limiter,
                             max_bytes=self.config.network.max_message_size,
+                            in_thread=self.in_threads,
                         )
                 for spec in mine:
                     if spec.index > 0:
@@ -262,7 +302,7 @@ class WorkerService:
                         if upstream.node_id != self.node_id:
                             await self._ensure_upstream_link(upstream)
                 plans = self._plans.setdefault(origin, {})
-                plans[assign.epoch] = _Plan(assign.epoch, assign.stages)
+                plans[assign.epoch] = _Plan(assign.epoch, assign.stages, assign.checkpoint_interval)
                 for old in sorted(plans)[:-_KEPT_EPOCHS]:
                     del plans[old]
                 self._release_unused_stages()
@@ -323,6 +363,23 @@ class WorkerService:
         finally:
             if self._upstream.get(upstream.node_id) is ready:
                 del self._upstream[upstream.node_id]
+        # A link that broke (a suspected or restarted peer) is dialled again while the
+        # current placement still needs it; a new placement without it ends the loop.
+        await trio.sleep(self.config.network.reconnect_initial_delay)
+        if upstream.node_id not in self._upstream and self._needs_upstream(upstream):
+            again = self._upstream[upstream.node_id] = trio.Event()
+            self._spawn(self._pull_from, upstream, again)
+
+    def _needs_upstream(self, upstream: StageSpec) -> bool:
+        """Whether the latest placement of some coordinator has us right after ``upstream``."""
+        for plans in self._plans.values():
+            stages = plans[max(plans)].stages if plans else ()
+            for spec in stages:
+                if spec.node_id == self.node_id and spec.index > 0:
+                    before = stages[spec.index - 1]
+                    if (before.node_id, before.address) == (upstream.node_id, upstream.address):
+                        return True
+        return False
 
     async def _pull(self, upstream: StageSpec, ready: trio.Event) -> None:
         net = self.config.network
@@ -334,14 +391,20 @@ class WorkerService:
                 expect_model=self.info.name,
                 expect_fingerprint=self.info.fingerprint,
             )
-            await peer.handshake(self.hello("link"), check, timeout=net.connect_timeout)
+            hello = await peer.handshake(self.hello("link"), check, timeout=net.connect_timeout)
             ready.set()
-            while True:
-                message = await _receive_or_none(peer)
-                if message is None:
-                    return
-                if isinstance(message, Activation):
-                    await self._admit(message)
+            async with trio.open_nursery() as nursery:
+                label = f"upstream worker {upstream.node_id}"
+                detector = self._watch(nursery, peer, hello, label, send=True)
+                while True:
+                    message = await _receive_or_none(peer)
+                    if message is None:
+                        break
+                    if isinstance(message, Activation):
+                        await self._admit(message)
+                    elif isinstance(message, Ack):
+                        detector.heartbeat(trio.current_time())
+                nursery.cancel_scope.cancel()
 
     # -- the data path ---------------------------------------------------------------------
 
@@ -371,31 +434,47 @@ class WorkerService:
             raise CoordinationError(
                 f"worker {self.node_id} does not hold stage {stage} of epoch {activation.epoch}"
             )
+        first = activation.layer
+        if not plan.stages[stage].start <= first < plan.stages[stage].stop:
+            raise CoordinationError(
+                f"layer {first} is not in stage {stage} of epoch {activation.epoch} "
+                f"(layers {plan.stages[stage].start}..{plan.stages[stage].stop - 1})"
+            )
+        compute_s = activation.compute_s
         while True:
             if (origin, rid) in self._cancelled:
                 self.dropped += 1
                 return
             spec = plan.stages[stage]
             runtime = self._runtimes[(spec.start, spec.stop)]
+            started = trio.current_time()
             try:
-                tensor = await runtime.forward(tensor)
+                tensor = await runtime.forward(tensor, first=first)
             except ButterflyError:
                 raise
             except Exception as exc:
                 raise ComputeError(
-                    f"stage {stage} (layers {spec.start}..{spec.stop - 1}) on worker "
+                    f"stage {stage} (layers {first}..{spec.stop - 1}) on worker "
                     f"{self.node_id} raised {type(exc).__name__}: {exc}"
                 ) from exc
+            compute_s += trio.current_time() - started
             self.computed += 1
             if (origin, rid) in self._cancelled:
                 self.dropped += 1
                 return
             stage += 1
+            peer = self._coordinators.get(origin)
             if stage == len(plan.stages):
-                peer = self._coordinators.get(origin)
                 if peer is not None:
                     await peer.send(Result(request_id=rid, epoch=activation.epoch, tensor=tensor))
                 return
+            first = plan.stages[stage].start
+            if plan.checkpoint_interval and compute_s >= plan.checkpoint_interval and peer:
+                # A long request: let its coordinator keep this boundary (see Checkpoint).
+                await peer.send(
+                    Checkpoint(request_id=rid, epoch=activation.epoch, layer=first, tensor=tensor)
+                )
+                compute_s = 0.0
             nxt = plan.stages[stage]
             if nxt.node_id != self.node_id:
                 link = await self._downstream_link(nxt)
@@ -405,6 +484,8 @@ class WorkerService:
                         epoch=activation.epoch,
                         stage=stage,
                         origin=origin,
+                        layer=first,
+                        compute_s=compute_s,
                         tensor=tensor,
                     )
                 )

@@ -1,0 +1,71 @@
+"""Heartbeats on a long-lived link, judged by a phi-accrual detector.
+
+Every long-lived link runs one of these: coordinator→worker (the coordinator sends,
+the worker answers and also watches) and worker→worker (the downstream worker, which
+dialled, sends; the upstream worker answers and watches). A side that stops hearing
+from the other closes the connection: a stopped process or a cut cable keeps a TCP
+connection open, and suspicion is the only sign of it. Closing makes every pending
+send on the link fail at once, so no task waits on a dead peer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator
+
+import trio
+
+from ..config import CoordinationConfig
+from ..protocol import Heartbeat
+from ..transport import Peer
+from .detector import PhiAccrualDetector
+
+__all__ = ["new_detector", "watch_link"]
+
+log = logging.getLogger(__name__)
+
+
+def new_detector(
+    config: CoordinationConfig, *, interval: float | None = None
+) -> PhiAccrualDetector:
+    """A detector with the configured thresholds that has heard one heartbeat now.
+
+    ``interval`` is the other side's heartbeat interval when it paces them (default: ours).
+    """
+    detector = PhiAccrualDetector(
+        threshold=config.phi_threshold,
+        window=config.phi_window,
+        min_std=config.min_std_deviation,
+        acceptable_pause=config.acceptable_heartbeat_pause,
+        first_interval=interval or config.heartbeat_interval,
+    )
+    detector.heartbeat(trio.current_time())
+    return detector
+
+
+async def watch_link(
+    peer: Peer,
+    detector: PhiAccrualDetector,
+    config: CoordinationConfig,
+    *,
+    label: str,
+    send_heartbeats: bool,
+    seq: Iterator[int] | None = None,
+) -> None:
+    """Every heartbeat interval: close ``peer`` if the other side is suspected, else (when
+    ``send_heartbeats``) send it a Heartbeat. Returns once it closed the link.
+
+    The caller's receive loop feeds ``detector.heartbeat(now)`` with what it hears.
+    """
+    seq = seq if seq is not None else itertools.count()
+    while True:
+        await trio.sleep(config.heartbeat_interval)
+        level = detector.phi(trio.current_time())
+        if level >= config.phi_threshold:
+            log.warning("%s suspected (phi %.1f): closing the link", label, level)
+            await peer.conn.aclose()  # bounded: a close frame that cannot leave is given up
+            return
+        if send_heartbeats:
+            with trio.move_on_after(config.heartbeat_interval):
+                await peer.send(Heartbeat(seq=next(seq)))
