@@ -129,4 +129,9 @@ def run_seed(
     # trio picks the order of tasks that become runnable together at random, from a
     # generator it seeds for tests only (hypothesis does the same): seed it here.
     trio._core._run._r.seed(seed)
-    return trio.run(_run, seed, requests, drop, duplicate, reorder, source, clock=clock)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: thread hand-offs would cost more than the math
+    try:
+        return trio.run(_run, seed, requests, drop, duplicate, reorder, source, clock=clock)
+    finally:
+        torch.set_num_threads(threads)

@@ -21,6 +21,7 @@ from butterfly.errors import (
     CoordinationError,
     FingerprintMismatch,
     NetworkError,
+    PartitionError,
     RequestTimeout,
     SchedulingError,
 )
@@ -218,7 +219,8 @@ async def test_a_rerun_after_a_loss_resumes_from_the_last_checkpoint(
     net = MemoryNetwork()
     async with trio.open_nursery() as nursery:
         scopes = [
-            await nursery.start(_cancellable_worker, net, i, "tests.models:sleepy") for i in range(3)
+            await nursery.start(_cancellable_worker, net, i, "tests.models:sleepy")
+            for i in range(3)
         ]
         await trio.sleep(0.05)
         async with AsyncButterfly.connect(["mem://w0"], transport=net, config=config) as b:
@@ -399,3 +401,47 @@ async def test_a_worker_that_joins_later_is_discovered_and_used() -> None:
             x = torch.randn(3, 64)
             torch.testing.assert_close(await b.infer(x), local_forward(x), rtol=0, atol=0)
         nursery.cancel_scope.cancel()
+
+
+async def test_when_the_survivors_cannot_hold_the_model_requests_fail_with_partition_error() -> (
+    None
+):
+    # mlp: three Linear layers of 16,640 bytes. A 20,000-byte budget fits one per worker,
+    # so three workers hold the model and two cannot.
+    net = MemoryNetwork()
+    config = load_config({**FAST, "partition": {"default_strategy": "topology_aware"}})
+    async with trio.open_nursery() as nursery:
+        scopes = []
+        for i in range(3):
+            scope = trio.CancelScope()
+            worker = WorkerService(
+                ModelSource("butterfly.model.zoo:mlp"),
+                transport=net,
+                listen=f"mem://w{i}",
+                peers=("mem://w0",) if i else (),
+                config=config,
+                max_memory=20_000,
+            )
+            nursery.start_soon(_run_in, scope, worker)
+            scopes.append(scope)
+        await trio.sleep(0.5)
+        async with AsyncButterfly.connect(["mem://w0"], transport=net, config=config) as b:
+            x = torch.randn(1, 64)
+            torch.testing.assert_close(await b.infer(x), local_forward(x), rtol=0, atol=0)
+            assert len({s.node_id for s in b.cluster().stages}) == 3  # one Linear each
+            scopes[2].cancel()
+            with (
+                trio.fail_after(10),
+                pytest.raises(
+                    PartitionError,
+                    match=r"needs 49920 bytes of weights and the 2 nodes have 40000 in total: "
+                    r"9920 bytes missing",
+                ),
+            ):
+                await b.infer(x)
+        nursery.cancel_scope.cancel()
+
+
+async def _run_in(scope: trio.CancelScope, worker: WorkerService) -> None:
+    with scope:
+        await worker.run()

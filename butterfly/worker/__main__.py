@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="torch intra-op threads (default: torch's choice)",
     )
+    p.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="most memory this worker's weights may use, e.g. 512MiB or 2GB (default: the "
+        "device's free memory); placement respects it and larger assignments are refused",
+    )
     p.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
     p.add_argument(
         "--advertise",
@@ -84,6 +90,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-id", help="stable name of this worker (default: random)")
     p.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
     return p
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``text``: a number with an optional unit (B, KB, MB, GB, TB, KiB … TiB)."""
+    number = text.strip().rstrip("bBiIkKmMgGtT ")
+    unit = text.strip()[len(number) :].strip().lower()
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in _UNITS or not value > 0:
+        raise ValueError(f"{text!r} is not a size; expected e.g. 512MiB, 2GB or 1000000")
+    return int(value * _UNITS[unit])
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -116,6 +149,10 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"--device {args.device} asked for, but torch sees no CUDA device", 2)
     if args.weights is not None and not args.weights.is_file():
         _fail(f"--weights {str(args.weights)!r} is not a file", 2)
+    try:
+        max_memory = parse_size(args.max_memory) if args.max_memory is not None else None
+    except ValueError as exc:
+        _fail(f"--max-memory {exc}", 2)
 
     source = ModelSource(args.model, weights=args.weights, device=device)
     worker = WorkerService(
@@ -126,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         peers=peers,
         advertise=args.advertise,
         node_id=args.node_id,
+        max_memory=max_memory,
     )
     try:
         trio.run(_serve, worker)

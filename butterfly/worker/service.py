@@ -80,6 +80,7 @@ class WorkerService:
         peers: tuple[str, ...] = (),
         advertise: str | None = None,
         node_id: str | None = None,
+        max_memory: int | None = None,
         in_threads: bool = True,
     ) -> None:
         self.source = source
@@ -95,6 +96,8 @@ class WorkerService:
         self.address = ""
         self.info: ModelInfo | None = None
         self.memory_available = 0
+        #: Bytes of weights this worker may hold (``--max-memory``); None: what the device has.
+        self.max_memory = max_memory
         # One device, one limiter: stages of this worker take turns on its cores.
         self.limiter = trio.CapacityLimiter(1)
         self._coordinators: dict[str, Peer] = {}
@@ -119,6 +122,8 @@ class WorkerService:
         """Describe the model, bind the listener, report the address, serve until cancelled."""
         self.info = await self._off_loop(self.source.describe)
         self.memory_available = available_memory(self.source.device)
+        if self.max_memory is not None:
+            self.memory_available = min(self.memory_available, self.max_memory)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             bound = await nursery.start(self.transport.serve, self.listen, self._handle_connection)
@@ -282,6 +287,7 @@ class WorkerService:
             async with self._assign_lock:
                 self._check_plan(assign)
                 mine = [s for s in assign.stages if s.node_id == self.node_id]
+                self._check_memory(assign.epoch, mine)
                 for spec in mine:
                     if (spec.start, spec.stop) not in self._runtimes:
                         layers = await self._off_loop(
@@ -327,6 +333,20 @@ class WorkerService:
             raise CoordinationError(
                 f"placement of epoch {assign.epoch} covers {expected_start} layers; "
                 f"the model has {self.info.num_layers}"
+            )
+
+    def _check_memory(self, epoch: int, mine: list[StageSpec]) -> None:
+        """Refuse stages whose weights exceed ``--max-memory`` (placement should never ask)."""
+        assert self.info is not None
+        if self.max_memory is None or not self.info.profiles:
+            return
+        needed = sum(
+            self.info.profiles[i].memory_bytes for s in mine for i in range(s.start, s.stop)
+        )
+        if needed > self.max_memory:
+            raise CoordinationError(
+                f"placement epoch {epoch} gives worker {self.node_id} {needed} bytes of weights; "
+                f"its --max-memory is {self.max_memory}"
             )
 
     def _release_unused_stages(self) -> None:

@@ -29,6 +29,7 @@ def test_help_documents_every_flag() -> None:
         "--threads",
         "--config",
         "--advertise",
+        "--max-memory",
     ):
         assert flag in result.stdout
 
@@ -50,6 +51,18 @@ def test_help_documents_every_flag() -> None:
             ["--listen", "127.0.0.1:0", "--model", "butterfly.model.zoo:mlp", "--threads", "0"],
             2,
             "--threads must be at least 1",
+        ),
+        (
+            [
+                "--listen",
+                "127.0.0.1:0",
+                "--model",
+                "butterfly.model.zoo:mlp",
+                "--max-memory",
+                "lots",
+            ],
+            2,
+            "--max-memory 'lots' is not a size; expected e.g. 512MiB, 2GB or 1000000",
         ),
         (
             ["--listen", "127.0.0.1:0", "--model", "no_such_pkg.models:build"],
