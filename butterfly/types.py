@@ -55,6 +55,17 @@ class Link:
     bandwidth_bytes_per_s: float
     latency_s: float
 
+    @classmethod
+    def from_probes(cls, round_trips_s: list[float], bulk_s: list[float], nbytes: int) -> Link:
+        """From the round trips of empty probes and of probes moving ``nbytes`` one way:
+        latency is half the fastest round trip, bandwidth what the bytes added to it."""
+        rtt = min(round_trips_s)
+        return cls(bandwidth_bytes_per_s=nbytes / max(min(bulk_s) - rtt, 1e-6), latency_s=rtt / 2)
+
+
+#: Bytes of the probe that measures a link's bandwidth.
+PROBE_BYTES = 1 << 20
+
 
 @attrs.frozen
 class Topology:
@@ -144,6 +155,9 @@ class ClusterInfo:
     quality: PartitionQuality | None = None
     #: Ready workers the plan leaves without a stage (using them would slow the pipeline).
     idle: tuple[NodeId, ...] = ()
+    #: Links between workers as the receiving worker measured them: (sender, receiver, link).
+    #: The placement used these; pairs not measured yet were estimated.
+    worker_links: tuple[tuple[NodeId, NodeId, Link], ...] = ()
 
     def __str__(self) -> str:
         lines = [
@@ -156,6 +170,11 @@ class ClusterInfo:
             f"  stage {s.index}: layers {s.layers.start}..{s.layers.stop - 1} on {s.node_id}"
             for s in self.stages
         ]
+        for a, b, link in self.worker_links:
+            lines.append(
+                f"  link {a} -> {b}: {link.bandwidth_bytes_per_s / 1e6:.0f} MB/s, "
+                f"{link.latency_s * 1e6:.0f} us"
+            )
         if self.quality is not None:
             q = self.quality
             lines.append(

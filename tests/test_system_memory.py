@@ -445,3 +445,17 @@ async def test_when_the_survivors_cannot_hold_the_model_requests_fail_with_parti
 async def _run_in(scope: trio.CancelScope, worker: WorkerService) -> None:
     with scope:
         await worker.run()
+
+
+async def test_workers_measure_their_links_to_each_other_and_the_plan_uses_them() -> None:
+    net = MemoryNetwork()
+    async with trio.open_nursery() as nursery:
+        workers = await start_workers(nursery, net, "butterfly.model.zoo:mlp")
+        async with AsyncButterfly.connect(["mem://w0"], transport=net, config=FAST) as b:
+            cluster = b.cluster()
+            ids = [w.node_id for w in workers]
+            pairs = {(a, c) for a, c, _ in cluster.worker_links}
+            assert pairs == {(a, c) for a in ids for c in ids if a != c}
+            assert all(link.bandwidth_bytes_per_s > 0 for _, _, link in cluster.worker_links)
+            assert "link " in str(cluster)
+        nursery.cancel_scope.cancel()

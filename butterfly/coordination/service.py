@@ -48,6 +48,7 @@ from ..protocol import (
 from ..transport import Peer, Transport, dial_peer
 from ..transport.retry import backoff_delays
 from ..types import (
+    PROBE_BYTES,
     ClusterInfo,
     LayerInfo,
     Link,
@@ -67,8 +68,6 @@ log = logging.getLogger(__name__)
 
 #: Memory assumed for a worker that did not report any (it is never the constraint).
 _UNKNOWN_MEMORY = 1 << 62
-#: Bytes of the probe that measures a link's bandwidth.
-_PROBE_BYTES = 1 << 20
 
 
 @attrs.frozen
@@ -110,6 +109,8 @@ class _Worker:
     seq: Iterator[int] = attrs.field(factory=itertools.count)
     #: The coordinator's measured link to this worker (None until measured).
     link: Link | None = None
+    #: Links from other workers to this one, as it measured them, by sender address.
+    links_in: dict[str, Link] = attrs.field(factory=dict)
     assigned: dict[int, trio.Event] = attrs.field(factory=dict)
     assign_error: str = ""
 
@@ -309,23 +310,27 @@ class CoordinationService:
     async def _measure_link(self, worker: _Worker, peer: Peer) -> Link:
         """Round trip of small pings, then the time a larger probe adds: latency and bandwidth.
 
-        Links between two workers are not measured directly; the planner estimates them from
-        both workers' links to the coordinator (see ``_topology``).
+        Links between two workers are measured by the workers themselves (see
+        ``WorkerService._introduce``) and arrive in their Acks.
         """
         try:
-            rtt = min([await self._ping(worker, peer) for _ in range(3)])
-            extra = await self._ping(worker, peer, bytes(_PROBE_BYTES)) - rtt
+            small = [await self._ping(worker, peer) for _ in range(3)]
+            bulk = [await self._ping(worker, peer, bytes(PROBE_BYTES))]
         except trio.TooSlowError:
             raise NetworkError(f"worker at {worker.address} did not answer a link probe") from None
-        return Link(bandwidth_bytes_per_s=_PROBE_BYTES / max(extra, 1e-6), latency_s=rtt / 2)
+        return Link.from_probes(small, bulk, PROBE_BYTES)
 
     async def _receive_loop(self, worker: _Worker, peer: Peer) -> None:
         while True:
             message: Message = await peer.receive()
             match message:
-                case Ack(seq=seq, peers=peers):
+                case Ack(seq=seq, peers=peers, links=links):
                     for address in peers:  # membership gossip: workers that joined later
                         self._add_address(address)
+                    for report in links:
+                        worker.links_in[report.source] = Link(
+                            report.bandwidth_bytes_per_s, report.latency_s
+                        )
                     answered = worker.acks.pop(seq, None)
                     if answered is not None:
                         answered.set()
@@ -364,12 +369,18 @@ class CoordinationService:
         ]
 
     def _topology(self, ready: list[_Worker]) -> Topology:
-        """Worker-to-worker links estimated from each worker's measured link to the coordinator:
-        the slower bandwidth of the two, and the sum of their one-way latencies."""
+        """Worker-to-worker links as the receiving worker measured them; a pair not measured
+        (yet) is estimated from both workers' links to the coordinator: the slower bandwidth
+        of the two, and the sum of their one-way latencies."""
         links = []
         for a in ready:
             for b in ready:
-                if a is not b and a.link is not None and b.link is not None:
+                if a is b:
+                    continue
+                measured = b.links_in.get(a.address)
+                if measured is not None:
+                    links.append((a.node_id, b.node_id, measured))
+                elif a.link is not None and b.link is not None:
                     bandwidth = min(a.link.bandwidth_bytes_per_s, b.link.bandwidth_bytes_per_s)
                     links.append(
                         (a.node_id, b.node_id, Link(bandwidth, a.link.latency_s + b.link.latency_s))
@@ -535,6 +546,18 @@ class CoordinationService:
             strategy=self._plan.strategy if self._plan else "",
             quality=self._plan.quality if self._plan else None,
             idle=self._plan.idle if self._plan else (),
+            worker_links=self._measured_links(),
+        )
+
+    def _measured_links(self) -> tuple[tuple[str, str, Link], ...]:
+        by_address = {w.address: w.node_id for w in self._workers.values() if w.node_id}
+        by_address.update({w.hello.address: w.node_id for w in self._workers.values() if w.hello})
+        return tuple(
+            (by_address[source], w.node_id, link)
+            for w in self._workers.values()
+            if w.state is WorkerState.READY
+            for source, link in w.links_in.items()
+            if source in by_address
         )
 
 

@@ -20,6 +20,7 @@ from .messages import Heartbeat as Heartbeat
 from .messages import Hello as Hello
 from .messages import InputSpec as InputSpec
 from .messages import LayerProfile as LayerProfile
+from .messages import LinkReport as LinkReport
 from .messages import Message as Message
 from .messages import Probe as Probe
 from .messages import Result as Result

@@ -24,6 +24,7 @@ __all__ = [
     "Hello",
     "InputSpec",
     "LayerProfile",
+    "LinkReport",
     "Message",
     "Probe",
     "Result",
@@ -109,23 +110,37 @@ class Hello(_Struct, tag="hello", frozen=True):
     heartbeat_interval: float = 0.0
 
 
+class LinkReport(_Struct, frozen=True):
+    """A link measured by the reporting worker: how fast ``source`` (an address) sends to it."""
+
+    source: str
+    bandwidth_bytes_per_s: float
+    latency_s: float
+
+
 class Heartbeat(_Struct, tag="heartbeat", frozen=True):
     seq: int
 
 
 class Ack(_Struct, tag="ack", frozen=True):
     """Answers a Heartbeat or Probe with the same ``seq``; ``peers`` are the workers the
-    answering worker knows, so a coordinator learns of workers that joined after it connected."""
+    answering worker knows, so a coordinator learns of workers that joined after it connected.
+    ``payload`` is what a Probe's ``reply_bytes`` asked for; ``links`` are the worker's
+    measured links from other workers (sent when they changed)."""
 
     seq: int
     peers: tuple[str, ...] = ()
+    payload: bytes = b""
+    links: tuple[LinkReport, ...] = ()
 
 
 class Probe(_Struct, tag="probe", frozen=True):
-    """Answered with ``Ack(seq)``; its payload measures the link's bandwidth."""
+    """Answered with ``Ack(seq)``; ``payload`` measures the link's bandwidth towards the
+    answering side, ``reply_bytes`` (that many bytes in the Ack) the other direction."""
 
     seq: int
     payload: bytes = b""
+    reply_bytes: int = 0
 
 
 class Assign(_Struct, tag="assign", frozen=True):

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -42,11 +44,13 @@ from ..protocol import (
     Handshake,
     Heartbeat,
     Hello,
+    LinkReport,
     Probe,
     Result,
     StageSpec,
 )
 from ..transport import Connection, Peer, Transport, dial_peer, open_peer
+from ..types import PROBE_BYTES, Link
 
 __all__ = ["WorkerService"]
 
@@ -56,6 +60,8 @@ log = logging.getLogger(__name__)
 
 #: Cancelled request ids remembered per worker; older ones have long left the pipeline.
 _CANCELLED_MEMORY = 10_000
+#: Most bytes a worker sends back to answer one link probe.
+_MAX_PROBE_REPLY = 16 * PROBE_BYTES
 #: Placements kept per coordinator (the current one and the one before it).
 _KEPT_EPOCHS = 2
 
@@ -101,6 +107,13 @@ class WorkerService:
         # One device, one limiter: stages of this worker take turns on its cores.
         self.limiter = trio.CapacityLimiter(1)
         self._coordinators: dict[str, Peer] = {}
+        #: Workers we introduced ourselves to (or are introducing ourselves to).
+        self._announced: set[str] = set()
+        #: Links from other workers to us, measured when we introduced ourselves, by sender.
+        self._links_in: dict[str, LinkReport] = {}
+        self._links_version = 0
+        self._links_reported: dict[str, int] = {}  # coordinator → version it was last sent
+        self._probe_seq = itertools.count()
         # Per coordinator, its last _KEPT_EPOCHS placements: requests already in the pipeline
         # when a worker joins finish on the placement they started on.
         self._plans: dict[str, dict[int, _Plan]] = {}
@@ -130,6 +143,7 @@ class WorkerService:
             self.address = self.advertise or bound
             for address in self.peers:
                 nursery.start_soon(self._announce, address)
+            self._announced.update(self.peers)
             task_status.started(self.address)
 
     async def _off_loop(self, fn: Callable[..., T], *args: object) -> T:
@@ -187,6 +201,7 @@ class WorkerService:
                 await self._serve_coordinator(peer, hello)
             elif hello.role == "member":
                 self._learn_peers((hello.address, *hello.peers))
+                await self._answer_probes(peer)
             else:
                 await self._serve_downstream(peer, hello)
 
@@ -226,7 +241,13 @@ class WorkerService:
                     return
                 case Heartbeat(seq=seq) | Probe(seq=seq):
                     detector.heartbeat(trio.current_time())
-                    await peer.send(Ack(seq=seq, peers=(self.address, *self.peers)))
+                    await peer.send(
+                        Ack(
+                            seq=seq,
+                            peers=(self.address, *self.peers),
+                            links=self._links_for(origin),
+                        )
+                    )
                 case Assign():
                     self._spawn(self._assign, origin, message)
                 case Activation():
@@ -263,14 +284,19 @@ class WorkerService:
         for address in addresses:
             if address and address != self.address and address not in self.peers:
                 self.peers.append(address)
+            if address and address != self.address and address not in self._announced:
+                # Introduce ourselves to every worker we hear of: the cluster becomes a
+                # full mesh of acquaintances, and each pair's link gets measured.
+                self._announced.add(address)
+                self._spawn(self._announce, address)
 
     async def _announce(self, address: str) -> None:
-        """Tell a ``--peers`` worker about us and learn whom it knows (one Hello each way)."""
+        """Tell a worker about us, learn whom it knows, and measure its link to us."""
         try:
             with unwrap_groups():
                 await self._introduce(address)
         except ButterflyError as exc:
-            log.warning("could not announce this worker to peer %s: %s", address, exc)
+            log.warning("could not introduce this worker to peer %s: %s", address, exc)
 
     async def _introduce(self, address: str) -> None:
         net = self.config.network
@@ -278,6 +304,45 @@ class WorkerService:
             check = Handshake(self.hello("member"), expect_roles=frozenset({"worker"}))
             hello = await peer.handshake(self.hello("member"), check, timeout=net.connect_timeout)
             self._learn_peers((hello.address, *hello.peers))
+            # Activations from that worker to us would travel on a connection we dialled,
+            # sent by it as the server: measure that direction (its replies to our probes).
+            with trio.move_on_after(net.connect_timeout):
+                small = [await self._probe(peer, 0) for _ in range(3)]
+                bulk = [await self._probe(peer, PROBE_BYTES) for _ in range(2)]
+                link = Link.from_probes(small, bulk, PROBE_BYTES)
+                source = hello.address or address
+                self._links_in[source] = LinkReport(
+                    source, link.bandwidth_bytes_per_s, link.latency_s
+                )
+                self._links_version += 1
+
+    async def _probe(self, peer: Peer, reply_bytes: int) -> float:
+        """Seconds until ``peer`` answers a Probe asking for ``reply_bytes`` back."""
+        seq = next(self._probe_seq)
+        start = time.perf_counter()
+        await peer.send(Probe(seq=seq, reply_bytes=reply_bytes))
+        while True:
+            message = await peer.receive()
+            if isinstance(message, Ack) and message.seq == seq:
+                return time.perf_counter() - start
+
+    async def _answer_probes(self, peer: Peer) -> None:
+        """Serve a member's link measurement until it hangs up."""
+        with trio.move_on_after(self.config.network.connect_timeout * 2):
+            while True:
+                message = await _receive_or_none(peer)
+                if message is None:
+                    return
+                if isinstance(message, Probe):
+                    payload = bytes(min(message.reply_bytes, _MAX_PROBE_REPLY))
+                    await peer.send(Ack(seq=message.seq, payload=payload))
+
+    def _links_for(self, origin: str) -> tuple[LinkReport, ...]:
+        """Our measured links, when they changed since ``origin`` last heard them."""
+        if self._links_reported.get(origin) == self._links_version:
+            return ()
+        self._links_reported[origin] = self._links_version
+        return tuple(self._links_in.values())
 
     # -- assignment ------------------------------------------------------------------------
 
