@@ -1,7 +1,8 @@
-"""Models: loading from an import path and safetensors, fingerprints, the stage runtime."""
+"""Models: loading from an import path and safetensors or a Hugging Face directory, fingerprints, the stage runtime."""
 
 from .fingerprint import layer_digest as layer_digest
 from .fingerprint import model_fingerprint as model_fingerprint
+from .hf import HuggingFaceModel as HuggingFaceModel
 from .input_spec import infer_input_spec as infer_input_spec
 from .loading import ModelInfo as ModelInfo
 from .loading import ModelSource as ModelSource

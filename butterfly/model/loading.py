@@ -4,6 +4,9 @@ A model is named by ``package.module:callable``; the callable takes no arguments
 returns a :class:`torch.nn.Sequential`. Without ``weights`` the callable must be
 deterministic (seed its RNG): every worker builds its own copy, and the fingerprints
 computed at start-up prove that they are the same.
+
+A model named ``hf:/path/to/dir`` is a Hugging Face ``transformers`` model directory
+instead, loaded by :mod:`.hf` (the ``hf`` extra).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
 import torch
@@ -21,6 +25,9 @@ from ..protocol import InputSpec, LayerProfile
 from .fingerprint import layer_digest, model_fingerprint
 from .input_spec import infer_input_spec
 from .profile import profile_layers
+
+if TYPE_CHECKING:
+    from .hf import HuggingFaceModel
 
 __all__ = ["ModelInfo", "ModelSource", "import_factory"]
 
@@ -71,8 +78,21 @@ class ModelSource:
     device: torch.device = attrs.field(factory=lambda: torch.device("cpu"))
     #: Measure every layer at start-up (for the planner).
     profile: bool = True
+    #: Element type of the weights of ``hf:`` models (float32 when ``None``).
+    dtype: torch.dtype | None = None
     _factory: Callable[[], nn.Module] | None = None
     _info: ModelInfo | None = None
+    _hf: HuggingFaceModel | None = None
+
+    def _hf_model(self) -> HuggingFaceModel | None:
+        """The adapter of an ``hf:`` model (see :mod:`.hf`); ``None`` for an import path."""
+        if self._hf is None and self.name.startswith("hf:"):
+            from .hf import HuggingFaceModel
+
+            self._hf = HuggingFaceModel.of_source(self)
+        elif self._hf is None and self.dtype is not None:
+            raise ModelError(f"model {self.name!r}: a dtype applies to hf: models only")
+        return self._hf
 
     def _build_full(self) -> nn.Sequential:
         if self._factory is None:
@@ -122,6 +142,8 @@ class ModelSource:
 
     def describe(self) -> ModelInfo:
         """Build the whole model once: layer count, per-layer digests, input spec."""
+        if self._info is None and (hf := self._hf_model()) is not None:
+            self._info = hf.describe()
         if self._info is None:
             model = self._build_full()
             if self.weights is not None:
@@ -145,6 +167,8 @@ class ModelSource:
 
     def build_layers(self, start: int, stop: int) -> nn.Sequential:
         """Materialise layers ``[start, stop)`` on the device, in eval mode, and check their digests."""
+        if (hf := self._hf_model()) is not None:
+            return hf.build_layers(start, stop)
         info = self.describe()
         if not 0 <= start < stop <= info.num_layers:
             raise ModelError(

@@ -48,9 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         required=True,
-        metavar="IMPORT_PATH",
+        metavar="IMPORT_PATH|hf:DIR",
         help="'package.module:callable' returning a torch.nn.Sequential; without --weights it "
-        "must be deterministic (seed its RNG) so that every worker builds the same weights",
+        "must be deterministic (seed its RNG) so that every worker builds the same weights. "
+        "Or 'hf:/path/to/dir': a Hugging Face transformers model directory (config.json and "
+        "*.safetensors; GPT-2, Llama, BERT), read offline; needs the 'hf' extra",
     )
     p.add_argument(
         "--peers",
@@ -64,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="FILE",
         help="safetensors file with the model's state_dict (keys like '0.weight')",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        help="element type of the weights of an hf: model (default float32)",
     )
     p.add_argument(
         "--device", default="cpu", help="torch device for the stages: cpu, cuda or cuda:N"
@@ -147,6 +154,16 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"--device {args.device!r} is not a torch device: {exc}", 2)
     if device.type == "cuda" and not torch.cuda.is_available():
         _fail(f"--device {args.device} asked for, but torch sees no CUDA device", 2)
+    dtype: torch.dtype | None = None
+    if args.model.startswith("hf:"):
+        directory = Path(args.model[len("hf:") :]).expanduser()
+        if not directory.is_dir():
+            _fail(f"--model {args.model!r}: {str(directory)!r} is not a directory", 2)
+        if args.weights is not None:
+            _fail("--weights does not apply to an hf: model; it reads its own directory", 2)
+        dtype = getattr(torch, args.dtype or "float32")
+    elif args.dtype is not None:
+        _fail("--dtype applies to hf: models only", 2)
     if args.weights is not None and not args.weights.is_file():
         _fail(f"--weights {str(args.weights)!r} is not a file", 2)
     try:
@@ -154,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         _fail(f"--max-memory {exc}", 2)
 
-    source = ModelSource(args.model, weights=args.weights, device=device)
+    source = ModelSource(args.model, weights=args.weights, device=device, dtype=dtype)
     worker = WorkerService(
         source,
         transport=WebsocketTransport(config.network),

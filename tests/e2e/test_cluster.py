@@ -322,3 +322,29 @@ def test_a_stopped_worker_is_suspected_then_rejoins_when_it_resumes() -> None:
             assert time.monotonic() < deadline, "did not rejoin within 30 s"
             b.infer(torch.randn(1, 64))
             time.sleep(0.2)
+
+
+def test_requests_sent_while_a_worker_is_stopped_for_10_s_are_each_answered_once() -> None:
+    # Default liveness settings (1 s heartbeats, 3 s acceptable pause): the stopped worker
+    # holds requests until it is suspected; they are re-run on the survivors. When it
+    # resumes it finishes its backlog, and those late answers of the old epoch are dropped.
+    inputs = [torch.randn(1, 64, generator=torch.Generator().manual_seed(i)) for i in range(50)]
+    with (
+        LocalCluster("butterfly.model.zoo:mlp", workers=3) as cluster,
+        Butterfly.connect(cluster.addresses, config=UNIFORM) as b,
+    ):
+        victim = next(p for p in cluster.processes if p.address == b.cluster().stages[1].address)
+        victim.suspend()
+        try:
+            handles = []
+            for x in inputs:
+                handles.append(b.submit(x, timeout=60))
+                time.sleep(0.2)
+        finally:
+            victim.resume()
+        outputs = [h.result(timeout=60) for h in handles]
+        metrics = b.metrics()
+    assert all(torch.equal(y, local_forward(mlp(), x)) for y, x in zip(outputs, inputs, strict=True))
+    assert metrics["requests_completed"] == 50
+    assert metrics["requests_failed"] == {}
+    assert metrics["requests_retried"]["network"] >= 1

