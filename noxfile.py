@@ -1,6 +1,8 @@
-"""Sessions: tests, lint, typecheck, demo, bench.  ``nox -s tests`` is what CI runs."""
+"""Sessions: tests, lint, typecheck, demo, bench, netns.  ``nox -s tests`` is what CI runs."""
 
 from __future__ import annotations
+
+import os
 
 import nox
 
@@ -62,7 +64,7 @@ def demo(session: nox.Session) -> None:
     session.run("python", "-m", "butterfly", "demo", *session.posargs)
 
 
-BENCHES = ("transport", "pipeline", "placement")
+BENCHES = ("transport", "pipeline", "placement", "faults")
 
 
 @nox.session
@@ -70,10 +72,28 @@ def bench(session: nox.Session) -> None:
     """Benchmarks, each side by side with its reference: ``nox -s bench -- pipeline`` runs one.
 
     transport: websocket hop vs raw TCP; pipeline: vs a local forward and GPipe on the
-    reference workload; placement: planning time and throughput per strategy.
+    reference workload; placement: planning time and throughput per strategy; faults:
+    requests lost / duplicated / wrong under injected faults, and recovery times.
     """
     install(session, "test")
     for name in session.posargs or BENCHES:
         if name not in BENCHES:
             session.error(f"unknown benchmark {name!r}; known: {', '.join(BENCHES)}")
         session.run("python", "-m", f"bench.{name}")
+
+
+@nox.session
+def netns(session: nox.Session) -> None:
+    """Cut a stage's worker off the network mid-stream; every request must still complete. Root only.
+
+    Each worker runs in its own network namespace behind a veth pair; ``ip link set ... down``
+    isolates one of them. ``sudo nox -s netns -- --seed 3`` passes options to
+    ``python -m tests.netns.run`` (``-- --help`` lists them).
+    """
+    if os.geteuid() != 0:
+        session.error(
+            "the netns session creates network namespaces, veth pairs and a bridge, which needs "
+            "root: run it as `sudo nox -s netns` (or as root in a VM or container with CAP_NET_ADMIN)"
+        )
+    install(session)
+    session.run("python", "-m", "tests.netns.run", *session.posargs)

@@ -1,7 +1,8 @@
 """Partitioning: splitting a model's layers into contiguous stages on workers.
 
 ``plan(layers, nodes, strategy, topology=..., objective=...)`` returns the stages;
-``estimate_quality`` scores them. See :mod:`.dp` for the optimal strategy.
+``estimate_quality`` scores them. See :mod:`.dp` for the optimal strategy with one stage
+per node, and :mod:`.repeats` for plans where a node holds several stages.
 """
 
 from .planner import OBJECTIVES as OBJECTIVES

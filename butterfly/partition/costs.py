@@ -5,9 +5,12 @@ A stage of layers ``[i, j)`` on node ``a`` followed by a stage on node ``b`` tak
     compute(a, i, j) = sum(compute_cost[i:j]) / compute_power[a]          (ms)
     transfer(a, b, j) = output_bytes[j - 1] / bandwidth(a→b) + latency(a→b)  (ms; 0 for the last stage)
 
-and needs ``sum(memory_bytes[i:j]) <= memory_bytes[a]``. With the ``throughput`` objective
-a plan's cost is its slowest stage (compute + outgoing transfer): a pipeline completes one
-request per slowest-stage time. With ``latency`` it is the sum over stages.
+A node may hold several (non-adjacent) stages of one plan; they share its device, so its
+memory use is the sum over its stages, which must fit ``memory_bytes[a]``, and its load is
+the sum of its stages' times (each with its outgoing transfer). With the ``throughput``
+objective a plan's cost is its busiest node's load: a pipeline completes one request per
+that time (with one stage per node, the slowest stage). With ``latency`` it is the sum of
+every stage's time, whichever nodes hold them.
 """
 
 from __future__ import annotations
@@ -18,7 +21,23 @@ import numpy as np
 
 from ..types import LayerInfo, NodeCapability, Topology
 
-__all__ = ["CostModel"]
+__all__ = ["CostModel", "Stage", "merge_adjacent"]
+
+Stage = tuple[int, int, int]  # (node index, first layer, stop layer)
+
+
+def merge_adjacent(stages: Sequence[Stage]) -> list[Stage]:
+    """``stages`` with consecutive stages on the same node joined into one.
+
+    The cost is unchanged: the joined stages' compute adds up and nothing is sent between them.
+    """
+    merged: list[Stage] = []
+    for a, i, j in stages:
+        if merged and merged[-1][0] == a:
+            merged[-1] = (a, merged[-1][1], j)
+        else:
+            merged.append((a, i, j))
+    return merged
 
 
 class CostModel:
@@ -41,6 +60,8 @@ class CostModel:
         )
         power = np.array([node.compute_power for node in self.nodes], dtype=np.float64)
         capacity = np.array([node.memory_bytes for node in self.nodes], dtype=np.float64)
+        #: capacity[a]: bytes of layer memory node a can hold, over all of its stages.
+        self.capacity = capacity
         # work[i, j] = cost of layers [i, j); inf where j <= i.
         span = self.prefix_cost[None, :] - self.prefix_cost[:, None]
         weight = self.prefix_mem[None, :] - self.prefix_mem[:, None]
@@ -67,4 +88,39 @@ class CostModel:
         return t if b is None else t + float(self.transfer[a, b, j])
 
     def memory(self, i: int, j: int) -> float:
+        """Bytes of weights of layers ``[i, j)``."""
         return float(self.prefix_mem[j] - self.prefix_mem[i])
+
+    def stage_times(self, stages: Sequence[Stage]) -> list[float]:
+        """Each stage's time in ``stages`` (a whole plan, in order), its outgoing transfer included."""
+        return [
+            self.stage_ms(a, i, j, stages[s + 1][0] if s + 1 < len(stages) else None)
+            for s, (a, i, j) in enumerate(stages)
+        ]
+
+    def node_loads(self, stages: Sequence[Stage]) -> dict[int, float]:
+        """Per node of the plan: the summed time of its stages (what it does per request)."""
+        loads: dict[int, float] = {}
+        for (a, _, _), t in zip(stages, self.stage_times(stages), strict=True):
+            loads[a] = loads.get(a, 0.0) + t
+        return loads
+
+    def node_memory(self, stages: Sequence[Stage]) -> dict[int, float]:
+        """Per node of the plan: the summed weight bytes of its stages."""
+        used: dict[int, float] = {}
+        for a, i, j in stages:
+            used[a] = used.get(a, 0.0) + self.memory(i, j)
+        return used
+
+    def plan_ms(self, stages: Sequence[Stage], objective: str) -> float:
+        """The plan's cost under ``objective``; ``inf`` if a node's stages overflow its memory.
+
+        ``throughput``: the busiest node's load (the pipeline's period); ``latency``: the
+        sum of all stage times.
+        """
+        used = self.node_memory(stages)
+        if any(bytes_ > self.capacity[a] for a, bytes_ in used.items()):
+            return float("inf")
+        if objective == "throughput":
+            return max(self.node_loads(stages).values())
+        return sum(self.stage_times(stages))

@@ -1,8 +1,10 @@
-"""Optimal contiguous placement by dynamic programming over the cost model of :mod:`.costs`.
+"""Optimal contiguous placement with one stage per node, by dynamic programming over :mod:`.costs`.
 
-A plan is a sequence of stages ``(node, start, stop)`` covering the layers in order, each
-on a different node; nodes not in the plan stay idle (using a node can slow a pipeline
-down). Both the stage boundaries and the order of the nodes are chosen.
+The plans searched here are sequences of stages ``(node, start, stop)`` covering the layers
+in order, each on a different node; nodes not in the plan stay idle (using a node can slow
+a pipeline down). Both the stage boundaries and the order of the nodes are chosen. Plans in
+which a node holds several non-adjacent stages are searched by :mod:`.repeats`, which uses
+``ordered_plan`` for the part of such a plan that has one stage per node.
 
 Exact (``exact_plan``): a DP over (set of nodes used, node of the next stage, first layer
 of the next stage). Choosing a stage's successor together with the stage is what makes the
@@ -25,14 +27,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .costs import CostModel
+from .costs import CostModel, Stage
 
 __all__ = ["EXACT_MAX_NODES", "Stage", "evaluate", "exact_plan", "ordered_plan", "search_orders"]
 
 #: Node counts up to this use the exact subset DP (when its work fits the budget).
 EXACT_MAX_NODES = 12
-
-Stage = tuple[int, int, int]  # (node index, first layer, stop layer)
 
 
 def _combine(objective: str, acc: np.ndarray, stage: np.ndarray) -> np.ndarray:
@@ -41,12 +41,12 @@ def _combine(objective: str, acc: np.ndarray, stage: np.ndarray) -> np.ndarray:
 
 
 def evaluate(plan: Sequence[Stage], costs: CostModel, objective: str) -> float:
-    """The plan's cost: its slowest stage (throughput) or the sum of its stages (latency)."""
-    times = [
-        costs.stage_ms(a, i, j, plan[s + 1][0] if s + 1 < len(plan) else None)
-        for s, (a, i, j) in enumerate(plan)
-    ]
-    return max(times) if objective == "throughput" else sum(times)
+    """The plan's cost: its busiest node's load (throughput) or the sum of its stages (latency).
+
+    A node holding several stages carries the sum of their times and of their memory (see
+    :meth:`.CostModel.plan_ms`); with one stage per node the load is the slowest stage.
+    """
+    return costs.plan_ms(plan, objective)
 
 
 def exact_plan(costs: CostModel, objective: str) -> tuple[float, list[Stage]]:
@@ -103,13 +103,29 @@ def exact_plan(costs: CostModel, objective: str) -> tuple[float, list[Stage]]:
 
 
 def ordered_plan(
-    costs: CostModel, order: Sequence[int], objective: str
+    costs: CostModel,
+    order: Sequence[int],
+    objective: str,
+    *,
+    stop: int | None = None,
+    head: np.ndarray | None = None,
+    tail: int | None = None,
 ) -> tuple[float, list[Stage]]:
-    """The optimal plan whose stages use nodes in ``order`` (any of them may be skipped)."""
-    n, m = costs.num_layers, len(order)
+    """The optimal plan whose stages use nodes in ``order`` (any of them may be skipped).
+
+    By default the plan covers every layer. :mod:`.repeats` uses the keywords to place only
+    layers ``[0, stop)``: ``tail`` is the node that receives layer ``stop - 1``'s output
+    (that transfer is part of the last stage's time; ``None``: the model ends at ``stop``),
+    and ``head[i]``, when given, replaces the time of a first stage ``[0, i)`` on
+    ``order[0]``, which must then hold the first stage.
+    """
+    n, m = costs.num_layers if stop is None else stop, len(order)
     best = np.full((m, n + 1), np.inf)  # best[p, j]: next stage starts at j on order[p]
     parent = np.full((m, n + 1, 2), -1, dtype=np.int32)
-    best[:, 0] = 0.0
+    if head is None:
+        best[:, 0] = 0.0
+    else:
+        best[0, 0] = 0.0
     final_value, final_state = np.inf, None
     for p in range(m):
         b = order[p]
@@ -117,8 +133,13 @@ def ordered_plan(
         starts = np.flatnonzero(np.isfinite(acc[:n]))
         if not len(starts):
             continue
-        compute = costs.compute[b][starts]
-        last = _combine(objective, acc[starts], compute[:, n])
+        compute = (
+            head[None, : n + 1]
+            if head is not None and p == 0
+            else costs.compute[b, starts, : n + 1]
+        )
+        end = compute[:, n] if tail is None else compute[:, n] + costs.transfer[b, tail, n]
+        last = _combine(objective, acc[starts], end)
         k = int(np.argmin(last))
         if last[k] < final_value:
             final_value, final_state = float(last[k]), (p, int(starts[k]))
@@ -126,7 +147,7 @@ def ordered_plan(
         if not later:
             continue
         successors = [order[q] for q in later]
-        stage = compute[None, :, :] + costs.transfer[b, successors][:, None, :]
+        stage = compute[None, :, :] + costs.transfer[b, successors, None, : n + 1]
         totals = _combine(objective, acc[starts][None, :, None], stage)
         totals[:, :, n] = np.inf
         choice = np.argmin(totals, axis=1)

@@ -7,26 +7,36 @@
 from __future__ import annotations
 
 import enum
+import itertools
+import time
 from collections.abc import Sequence
 
 import numpy as np
 
 from ..errors import PartitionError
 from ..types import LayerInfo, ModelPartition, NodeCapability, PartitionQuality, Topology
-from .costs import CostModel
-from .dp import EXACT_MAX_NODES, Stage, exact_plan, search_orders
+from .costs import CostModel, Stage, merge_adjacent
+from .dp import EXACT_MAX_NODES, exact_plan, search_orders
+from .repeats import EXHAUSTIVE_MAX_PLANS, better, exhaustive_plan, memory_tight, wrap_search
 
 __all__ = ["OBJECTIVES", "PartitionStrategy", "estimate_quality", "plan"]
 
 OBJECTIVES = ("throughput", "latency")
-#: Time the heuristic may spend improving node orders.
+#: Time the heuristic may spend improving node orders (and, when memory binds, wrap plans).
 HEURISTIC_BUDGET_S = 0.03
+#: Share of ``HEURISTIC_BUDGET_S`` left for wrap plans when some node cannot hold the model.
+HEURISTIC_WRAP_SHARE = 1 / 3
+#: After the exact DP, wrap plans get this share of the DP's time (at least the minimum).
+EXACT_WRAP_SHARE = 0.1
+EXACT_WRAP_MIN_S = 0.01
+#: While no plan fits in memory, wrap plans are searched for up to this long in all.
+INFEASIBLE_BUDGET_S = 1.0
 
 
 class PartitionStrategy(enum.StrEnum):
     UNIFORM = "uniform"  # contiguous, equal layer counts, every node in the given order
     LOAD_BALANCED = "load_balanced"  # contiguous, proportional to node speed, memory-feasible
-    TOPOLOGY_AWARE = "topology_aware"  # optimal for the cost model (dp.py)
+    TOPOLOGY_AWARE = "topology_aware"  # best for the cost model (dp.py, repeats.py)
 
 
 def _check(
@@ -68,8 +78,9 @@ def _missing_memory(layers: Sequence[LayerInfo], nodes: Sequence[NodeCapability]
             "bytes missing on one node"
         )
     return (
-        f"the model needs {needed} of the {available} bytes the nodes have, but no split into "
-        "contiguous stages fits each stage into its node's memory"
+        f"the model needs {needed} of the {available} bytes the nodes have, but the planner "
+        "found no split into contiguous stages (a node may hold several) that fits each "
+        "node's memory; add memory to the nodes or add a node"
     )
 
 
@@ -123,12 +134,7 @@ def plan(
     _check(layers, nodes, strategy, objective)
     costs = CostModel(layers, nodes, topology or Topology())
     if strategy == PartitionStrategy.TOPOLOGY_AWARE:
-        exact = costs.num_nodes <= EXACT_MAX_NODES
-        value, stages = (
-            exact_plan(costs, objective)
-            if exact
-            else search_orders(costs, objective, HEURISTIC_BUDGET_S)
-        )
+        value, stages = _topology_aware(costs, objective)
         if not stages or not np.isfinite(value):
             raise PartitionError(f"cannot place the model: {_missing_memory(layers, nodes)}")
     else:
@@ -151,19 +157,62 @@ def plan(
     return _partitions(stages, costs)
 
 
-def _partitions(stages: Sequence[Stage], costs: CostModel) -> list[ModelPartition]:
-    out = []
-    for s, (a, i, j) in enumerate(stages):
-        successor = stages[s + 1][0] if s + 1 < len(stages) else None
-        out.append(
-            ModelPartition(
-                id=s,
-                layer_range=range(i, j),
-                assigned_node=costs.nodes[a].node_id,
-                estimated_time_ms=costs.stage_ms(a, i, j, successor),
-            )
+def _topology_aware(costs: CostModel, objective: str) -> tuple[float, list[Stage]]:
+    """The best plan found; a node holds several stages only where that is strictly better.
+
+    With at most ``EXHAUSTIVE_MAX_PLANS`` plans, every plan is tried, with and without
+    repeated nodes (:func:`.repeats.exhaustive_plan`): the result is optimal over all plans.
+    Otherwise, one stage per node first: the exact DP up to ``EXACT_MAX_NODES`` nodes, the
+    order search above. Then wrap plans (:func:`.repeats.wrap_search`): for
+    ``EXACT_WRAP_SHARE`` of the exact DP's time (at least ``EXACT_WRAP_MIN_S``); above
+    ``EXACT_MAX_NODES``, only where some node cannot hold the whole model, when the order
+    search, given ``1 - HEURISTIC_WRAP_SHARE`` of ``HEURISTIC_BUDGET_S``, returns a plan
+    shaped by memory (:func:`.repeats.memory_tight`), for the rest of the budget. While no
+    plan fits, wrap plans are searched until ``INFEASIBLE_BUDGET_S`` has passed.
+    """
+    start = time.perf_counter()
+    if costs.num_nodes**costs.num_layers <= EXHAUSTIVE_MAX_PLANS:
+        incumbent = exhaustive_plan(costs, objective, one_stage_per_node=True)
+        everything = exhaustive_plan(costs, objective)
+        value, stages = everything if better(everything[0], incumbent[0]) else incumbent
+        return value, merge_adjacent(stages)
+    wrap_deadline: float | None = None  # None: wrap plans cannot help enough to be searched
+    if costs.num_nodes <= EXACT_MAX_NODES:
+        incumbent = exact_plan(costs, objective)
+        spent = time.perf_counter() - start
+        wrap_deadline = time.perf_counter() + max(EXACT_WRAP_MIN_S, EXACT_WRAP_SHARE * spent)
+    else:
+        # Memory can only shape the plan if some node cannot hold the whole model; wrap plans
+        # are searched, in the rest of the budget, only where it does.
+        may_bind = bool((costs.capacity < costs.prefix_mem[-1]).any())
+        share = HEURISTIC_WRAP_SHARE if may_bind else 0.0
+        incumbent = search_orders(costs, objective, HEURISTIC_BUDGET_S * (1 - share))
+        if may_bind and memory_tight(costs, incumbent[1]):
+            wrap_deadline = start + HEURISTIC_BUDGET_S
+    if wrap_deadline is not None:
+        found = wrap_search(
+            costs,
+            objective,
+            incumbent,
+            wrap_deadline,
+            deadline_if_none=start + INFEASIBLE_BUDGET_S,
         )
-    return out
+    else:
+        found = incumbent
+    value, stages = found
+    return value, merge_adjacent(stages)
+
+
+def _partitions(stages: Sequence[Stage], costs: CostModel) -> list[ModelPartition]:
+    return [
+        ModelPartition(
+            id=s,
+            layer_range=range(i, j),
+            assigned_node=costs.nodes[a].node_id,
+            estimated_time_ms=t,
+        )
+        for s, ((a, i, j), t) in enumerate(zip(stages, costs.stage_times(stages), strict=True))
+    ]
 
 
 def estimate_quality(
@@ -185,19 +234,16 @@ def estimate_quality(
         raise PartitionError(
             f"plan uses node {exc.args[0]!r}, which is not among the nodes given"
         ) from None
-    times = [
-        costs.stage_ms(a, i, j, stages[s + 1][0] if s + 1 < len(stages) else None)
-        for s, (a, i, j) in enumerate(stages)
-    ]
-    memory: dict[int, float] = {}
-    for a, i, j in stages:
-        memory[a] = memory.get(a, 0.0) + costs.memory(i, j)
-    boundary_bytes = sum(layers[j - 1].output_bytes for _, _, j in stages[:-1])
-    slowest = max(times)
+    # A node holding several stages carries all of them: balance and throughput are per node.
+    loads = costs.node_loads(stages)
+    busiest = max(loads.values())
+    boundary_bytes = sum(
+        layers[j - 1].output_bytes for (a, _, j), (b, _, _) in itertools.pairwise(stages) if a != b
+    )
     return PartitionQuality(
-        load_balance=min(times) / slowest if slowest > 0 else 1.0,
+        load_balance=min(loads.values()) / busiest if busiest > 0 else 1.0,
         communication_volume_mb=boundary_bytes / 1e6,
-        peak_memory_gb=max(memory.values()) / 1e9,
-        estimated_latency_ms=sum(times),
-        estimated_throughput_rps=1000.0 / slowest if slowest > 0 else float("inf"),
+        peak_memory_gb=max(costs.node_memory(stages).values()) / 1e9,
+        estimated_latency_ms=sum(costs.stage_times(stages)),
+        estimated_throughput_rps=1000.0 / busiest if busiest > 0 else float("inf"),
     )

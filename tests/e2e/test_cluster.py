@@ -344,7 +344,9 @@ def test_requests_sent_while_a_worker_is_stopped_for_10_s_are_each_answered_once
             victim.resume()
         outputs = [h.result(timeout=60) for h in handles]
         metrics = b.metrics()
-    assert all(torch.equal(y, local_forward(mlp(), x)) for y, x in zip(outputs, inputs, strict=True))
+    assert all(
+        torch.equal(y, local_forward(mlp(), x)) for y, x in zip(outputs, inputs, strict=True)
+    )
     assert metrics["requests_completed"] == 50
     assert metrics["requests_failed"] == {}
     assert metrics["requests_retried"]["network"] >= 1
