@@ -148,6 +148,8 @@ class PeerChannel:
             origin="bench",
             layer=0,
             compute_s=0.0,
+            session=0,
+            position=0,
             tensor=array_to_wire(array),
         )
         await self.peer.send(message)

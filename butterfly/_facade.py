@@ -5,18 +5,29 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
+from contextlib import aclosing, asynccontextmanager
 from typing import Any, TypeVar
 
+import numpy as np
+import torch
 import trio
 
 from ._errors import collapse
-from ._inputs import InputKind, check_timeout, from_wire
+from ._inputs import InputKind, check_timeout, from_wire, tokens_as
 from ._local import LocalCluster
 from ._portal import Portal, refuse_inside_trio
 from .config import ButterflyConfig, load_config
 from .errors import ApiError, ButterflyError, RequestTimeout
+from .generation import check_token_ids
 from .scheduling import InferenceTask, TaskStatus
 from .system import ButterflySystem
 from .transport import Transport, WebsocketTransport
@@ -155,6 +166,72 @@ class Butterfly:
         refuse_inside_trio("Butterfly.infer_many")
         check_timeout(timeout, "timeout")
         return self._portal.call(functools.partial(self._system.infer_many, timeout=timeout), xs)
+
+    def generate(
+        self,
+        input_ids: Any,
+        *,
+        max_new_tokens: int,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Iterable[int] = (),
+        timeout: float | None = None,
+    ) -> Any:
+        """Generate up to ``max_new_tokens`` tokens after ``input_ids`` (``(batch, seq)`` token
+        ids, every row the same length) with a decoder model; returns ``(batch, seq + n)``
+        token ids in the prompt's kind. Greedy unless ``do_sample``; ``seed`` makes sampling
+        reproducible; rows end at a ``stop`` token (and then repeat it). ``timeout`` bounds
+        each step. Each stage keeps the session's KV cache, so a step sends one token.
+        """
+        parts = [
+            np.asarray(
+                input_ids.detach().cpu() if isinstance(input_ids, torch.Tensor) else input_ids
+            )
+        ]
+        for tokens in self.stream(
+            input_ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            timeout=timeout,
+            _raw=True,
+        ):
+            parts.append(tokens[:, None])
+        kind = InputKind(
+            is_torch=isinstance(input_ids, torch.Tensor),
+            device=input_ids.device if isinstance(input_ids, torch.Tensor) else None,
+        )
+        return tokens_as(np.concatenate(parts, axis=1), kind)
+
+    def stream(
+        self, input_ids: Any, *, timeout: float | None = None, _raw: bool = False, **sampling: Any
+    ) -> Iterator[Any]:
+        """Like :meth:`generate`, but yield each step's ``(batch,)`` tokens as they come.
+
+        Closing the iterator early ends the session (its caches are freed on the workers).
+        """
+        refuse_inside_trio("Butterfly.stream")
+
+        async def start() -> tuple[AsyncGenerator[np.ndarray, None], InputKind]:
+            return self._system.stream(input_ids, timeout=timeout, **sampling)
+
+        tokens, kind = self._portal.call(start)
+        try:
+            while True:
+                try:
+                    step = self._portal.call(tokens.__anext__)
+                except StopAsyncIteration:
+                    return
+                yield step if _raw else tokens_as(step, kind)
+        finally:
+            self._portal.call(tokens.aclose)
 
     def cluster(self) -> ClusterInfo:
         """The workers (id, address, state) and the current placement."""
@@ -302,6 +379,26 @@ class AsyncButterfly:
 
     async def infer_many(self, xs: Sequence[Any], *, timeout: float | None = None) -> list[Any]:
         return await self._system.infer_many(xs, timeout=timeout)
+
+    async def generate(
+        self, input_ids: Any, *, timeout: float | None = None, **sampling: Any
+    ) -> Any:
+        """See :meth:`Butterfly.generate`."""
+        tokens, kind = self._system.stream(input_ids, timeout=timeout, **sampling)
+        parts = [check_token_ids(input_ids)]
+        async with aclosing(tokens):
+            async for step in tokens:
+                parts.append(step[:, None])
+        return tokens_as(np.concatenate(parts, axis=1), kind)
+
+    async def stream(
+        self, input_ids: Any, *, timeout: float | None = None, **sampling: Any
+    ) -> AsyncIterator[Any]:
+        """See :meth:`Butterfly.stream`."""
+        tokens, kind = self._system.stream(input_ids, timeout=timeout, **sampling)
+        async with aclosing(tokens):
+            async for step in tokens:
+                yield tokens_as(step, kind)
 
     def cluster(self) -> ClusterInfo:
         return self._system.cluster()

@@ -13,7 +13,14 @@ from .errors import ApiError, ProtocolError
 from .model.tensors import torch_from_wire, torch_to_wire
 from .protocol import InputSpec, WireTensor, array_from_wire, array_to_wire
 
-__all__ = ["InputKind", "check_input", "check_timeout", "from_wire", "to_wire"]
+__all__ = [
+    "InputKind",
+    "check_input",
+    "check_timeout",
+    "from_wire",
+    "to_wire",
+    "tokens_as",
+]
 
 
 @attrs.frozen
@@ -43,6 +50,13 @@ def to_wire(x: Any) -> tuple[WireTensor, InputKind]:
     raise ApiError(
         f"input must be a numpy.ndarray or torch.Tensor, got {type(x).__module__}.{type(x).__qualname__}"
     )
+
+
+def tokens_as(tokens: np.ndarray, kind: InputKind) -> Any:
+    """Generated token ids in the caller's kind (int64; on the prompt's device)."""
+    if kind.is_torch:
+        return torch.from_numpy(np.array(tokens, dtype=np.int64)).to(kind.device or "cpu")
+    return np.array(tokens, dtype=np.int64)
 
 
 def from_wire(tensor: WireTensor, kind: InputKind) -> Any:

@@ -117,6 +117,17 @@ class CoordinationConfig:
 
 
 @attrs.frozen
+class GenerationConfig:
+    """Generation sessions: the state (KV caches) each worker keeps for them."""
+
+    #: Bytes of session caches a worker keeps; beyond it the least recently used session's
+    #: caches are dropped (its next step rebuilds them by replaying its tokens).
+    kv_cache_bytes: int = attrs.field(default=1 << 30, validator=_positive)
+    #: Seconds after which an idle session's caches are dropped.
+    session_idle_s: float = attrs.field(default=300.0, validator=_positive_seconds)
+
+
+@attrs.frozen
 class NetworkConfig:
     """Websocket links. The trio-websocket defaults (1 MiB, 4 KiB) are too small for tensors."""
 
@@ -154,6 +165,7 @@ class ButterflyConfig:
     coordination: CoordinationConfig = attrs.field(factory=CoordinationConfig)
     network: NetworkConfig = attrs.field(factory=NetworkConfig)
     metrics: MetricsConfig = attrs.field(factory=MetricsConfig)
+    generation: GenerationConfig = attrs.field(factory=GenerationConfig)
 
 
 _T = TypeVar("_T")

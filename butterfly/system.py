@@ -10,7 +10,7 @@ assigned; ``aclose`` drains in-flight requests with a deadline, then cancels.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,7 @@ from ._inputs import InputKind, check_input, check_timeout, from_wire, to_wire
 from .config import ButterflyConfig
 from .coordination import CoordinationService, Response
 from .errors import ApiError
+from .generation import SamplingParams, check_token_ids, stream_tokens
 from .metrics import MetricsService
 from .partition import PartitionService
 from .scheduling import InferenceTask, SchedulingService
@@ -117,6 +118,27 @@ class ButterflySystem:
             for task, _ in submitted:
                 if not task.status.final:
                     self.scheduling.cancel_task(task.task_id)
+
+    def stream(
+        self, input_ids: Any, *, timeout: float | None = None, **sampling: Any
+    ) -> tuple[AsyncGenerator[np.ndarray, None], InputKind]:
+        """Validate a generation request; the tokens it yields step by step, and the
+        caller's kind to return them in. ``sampling`` are :class:`SamplingParams` fields."""
+        prompt = check_token_ids(input_ids)
+        params = SamplingParams.check(**sampling)
+        check_timeout(timeout, "timeout")
+        kind = InputKind(
+            is_torch=isinstance(input_ids, torch.Tensor),
+            device=input_ids.device if isinstance(input_ids, torch.Tensor) else None,
+        )
+        tokens = stream_tokens(
+            self.scheduling,
+            self.coordination,
+            prompt,
+            params,
+            timeout=timeout or self.config.api.request_timeout,
+        )
+        return tokens, kind
 
     def cluster(self) -> ClusterInfo:
         return self.coordination.cluster()

@@ -9,6 +9,7 @@ to the scheduler through a typed memory channel, never by reaching into its stat
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import itertools
 import logging
@@ -515,6 +516,13 @@ class CoordinationService:
                 await w.peer.send(message)
                 return
         raise NetworkError(f"worker {node_id!r} is not connected")
+
+    async def send_all(self, message: Message) -> None:
+        """Send ``message`` to every connected worker; those that cannot be reached are skipped."""
+        for w in list(self._workers.values()):
+            if w.peer is not None:
+                with contextlib.suppress(ButterflyError):
+                    await w.peer.send(message)
 
     def cluster(self) -> ClusterInfo:
         placement = self._placement

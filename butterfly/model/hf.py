@@ -57,6 +57,7 @@ from ..errors import ModelError
 from ..protocol import InputSpec, LayerProfile
 from .fingerprint import model_fingerprint
 from .loading import ModelInfo
+from .sessions import Step, current_step
 
 if TYPE_CHECKING:
     from .loading import ModelSource
@@ -142,6 +143,11 @@ def _parameters(function: Callable[..., Any]) -> frozenset[str]:
     return frozenset(inspect.signature(function).parameters)
 
 
+def _cache_parameter(forward: Callable[..., Any]) -> str:
+    """A block's KV cache argument: ``past_key_values`` was renamed ``cache`` during 5.x."""
+    return "cache" if "cache" in _parameters(forward) else "past_key_values"
+
+
 # -- the tensor that travels between layers ------------------------------------------------
 
 
@@ -180,7 +186,10 @@ def _hidden_of(output: Any) -> torch.Tensor:
 
 
 def _positions(hidden: torch.Tensor) -> torch.Tensor:
-    return torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+    """Positions of the tokens in ``hidden``: from 0, or from the session step's position."""
+    step = current_step()
+    first = step.position if step is not None else 0
+    return torch.arange(first, first + hidden.shape[1], device=hidden.device).unsqueeze(0)
 
 
 # -- the layers ------------------------------------------------------------------------------
@@ -266,19 +275,52 @@ class DecoderBlock(_Layer):
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
         hidden, mask = unpack_hidden(packed)
-        out = self.attend(hidden, mask, _positions(hidden))
+        step = current_step()
+        if step is None:
+            out = self.attend(hidden, mask, _positions(hidden))
+        else:
+            out = self.attend_cached(hidden, mask, step)
         return torch.cat((out, packed[..., -1:]), dim=-1)
 
     def attend(
         self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor
     ) -> torch.Tensor:
-        """The block on unpacked states; the place where a per-stage KV cache would be passed."""
+        """The block on unpacked states of a whole sequence (no cache)."""
         causal = _attention_mask("create_causal_mask", self.config, hidden, mask, positions)
         extra: dict[str, Any] = {}
         if self.rotary is not None:
             extra["position_embeddings"] = self.rotary(hidden, position_ids=positions)
         return _hidden_of(
             self.block(hidden, attention_mask=causal, position_ids=positions, **extra)
+        )
+
+    def attend_cached(
+        self, hidden: torch.Tensor, mask: torch.Tensor | None, step: Step
+    ) -> torch.Tensor:
+        """One step of a generation session: keys and values of earlier steps come from the
+        stage's cache in ``step.state`` (one ``DynamicCache`` shared by the stage's blocks),
+        and this step's are added to it.
+
+        A session's batch is unpadded, and a step either starts the sequence (any length:
+        causal attention) or adds one token (it attends to everything before it), so no
+        mask tensor is needed: the attention kernel's causal flag covers both.
+        """
+        tokens = hidden.shape[1]
+        if mask is not None:
+            raise ValueError("generation takes unpadded batches: every row the same length")
+        if step.position and tokens != 1:
+            raise ValueError(
+                f"a step after the first adds one token; got {tokens} at position {step.position}"
+            )
+        cache = step.state.get("kv")
+        if cache is None:
+            cache = step.state["kv"] = _transformers().DynamicCache(config=self.config)
+        positions = _positions(hidden)
+        extra: dict[str, Any] = {_cache_parameter(type(self.block).forward): cache}
+        if self.rotary is not None:
+            extra["position_embeddings"] = self.rotary(hidden, position_ids=positions)
+        return _hidden_of(
+            self.block(hidden, attention_mask=None, position_ids=positions, use_cache=True, **extra)
         )
 
     def flops(self, tokens: int) -> float:
@@ -323,6 +365,8 @@ class LanguageModelHead(_Layer):
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
         hidden, _ = unpack_hidden(packed)
+        if current_step() is not None:
+            hidden = hidden[:, -1:]  # generation needs the next token's logits only
         logits: torch.Tensor = self.head(self.norm(hidden))
         return logits
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import trio
 from torch import nn
 
 from ..protocol import WireTensor
+from .sessions import SessionKey, SessionStore, stepping
 from .tensors import torch_from_wire, torch_to_wire
 
 __all__ = ["StageRuntime"]
@@ -29,6 +32,7 @@ class StageRuntime:
         limiter: trio.CapacityLimiter,
         max_bytes: int,
         in_thread: bool = True,
+        sessions: SessionStore | None = None,
     ) -> None:
         self.layers = layers
         self.start = start
@@ -39,26 +43,52 @@ class StageRuntime:
         #: False computes on the event loop: only for deterministic simulations in tests,
         #: where a thread's real duration must not decide what happens next.
         self.in_thread = in_thread
+        #: Where generation sessions keep their state between steps (see :mod:`.sessions`).
+        self.sessions = sessions or SessionStore(max_bytes=1 << 30, idle_s=300.0)
 
-    async def forward(self, tensor: WireTensor, *, first: int | None = None) -> WireTensor:
+    async def forward(
+        self,
+        tensor: WireTensor,
+        *,
+        first: int | None = None,
+        session: SessionKey | None = None,
+        position: int = 0,
+    ) -> WireTensor:
         """Decode, compute and encode one activation; all of it in the worker thread.
 
         ``first`` is the layer to start at (a request resuming from a checkpoint inside
-        this stage); by default the stage's first layer.
+        this stage); by default the stage's first layer. ``session`` makes this a step of
+        a generation session whose tokens start at ``position`` (dimension 1 of the
+        tensor is the sequence): the layers see its state (see :mod:`.sessions`).
         """
         skip = 0 if first is None else first - self.start
         if not 0 <= skip < self.stop - self.start:
             raise ValueError(
                 f"layer {first} is not in this stage's layers {self.start}..{self.stop - 1}"
             )
+        compute = functools.partial(self._compute, tensor, skip, session, position)
         if not self.in_thread:
-            return self._compute(tensor, skip)
-        return await trio.to_thread.run_sync(self._compute, tensor, skip, limiter=self.limiter)
+            return compute()
+        return await trio.to_thread.run_sync(compute, limiter=self.limiter)
 
-    def _compute(self, tensor: WireTensor, skip: int) -> WireTensor:
+    def _compute(
+        self, tensor: WireTensor, skip: int, session: SessionKey | None, position: int
+    ) -> WireTensor:
         with torch.inference_mode():
             x = torch_from_wire(tensor, device=self.device, max_bytes=self.max_bytes)
-            y = self.layers[skip:](x) if skip else self.layers(x)
+            layers = self.layers[skip:] if skip else self.layers
+            if session is None:
+                y = layers(x)
+            else:
+                tokens = x.shape[1] if x.ndim > 1 else 1
+                step = self.sessions.begin(session, position, tokens)
+                try:
+                    with stepping(step):
+                        y = layers(x)
+                except BaseException:
+                    self.sessions.discard(session)
+                    raise
+                self.sessions.commit(session, tokens)
             if not isinstance(y, torch.Tensor):
                 raise TypeError(
                     f"layers {self.start}..{self.stop - 1} returned {type(y).__name__}, not a tensor"

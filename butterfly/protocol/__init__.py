@@ -15,6 +15,7 @@ from .messages import Assign as Assign
 from .messages import Assigned as Assigned
 from .messages import Cancel as Cancel
 from .messages import Checkpoint as Checkpoint
+from .messages import EndSession as EndSession
 from .messages import Error as Error
 from .messages import Heartbeat as Heartbeat
 from .messages import Hello as Hello

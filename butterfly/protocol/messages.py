@@ -19,6 +19,7 @@ __all__ = [
     "Assigned",
     "Cancel",
     "Checkpoint",
+    "EndSession",
     "Error",
     "Heartbeat",
     "Hello",
@@ -33,7 +34,8 @@ __all__ = [
 ]
 
 #: Bumped on any change that an older peer cannot decode.
-#: 2: Activation gained ``layer`` and ``compute_s`` (checkpoints and resuming from them).
+#: 2: Activation gained ``layer`` and ``compute_s`` (checkpoints and resuming from them),
+#: ``session`` and ``position`` (generation with caches kept on the stages).
 PROTOCOL_VERSION = 2
 
 
@@ -164,7 +166,12 @@ class Activation(_Struct, tag="activation", frozen=True):
     """Input of layer ``layer`` (in ``stage``) for request ``request_id``; the last stage
     answers ``origin``. ``layer`` is the stage's first layer except when a request resumes
     from a checkpoint; ``compute_s`` is the compute spent on the request since its last
-    checkpoint (or its start)."""
+    checkpoint (or its start).
+
+    ``session`` (0: none) names a generation session of ``origin``: its stages keep state
+    between steps (KV caches), and ``tensor`` holds the session's tokens from ``position``
+    on. A stage whose cache does not hold exactly ``position`` tokens refuses the step.
+    """
 
     request_id: int
     epoch: int
@@ -172,6 +179,8 @@ class Activation(_Struct, tag="activation", frozen=True):
     origin: str
     layer: int
     compute_s: float
+    session: int
+    position: int
     tensor: WireTensor
 
 
@@ -205,6 +214,13 @@ class Error(_Struct, tag="error", frozen=True):
     origin: str = ""
 
 
+class EndSession(_Struct, tag="end_session", frozen=True):
+    """Generation session ``session`` of coordinator ``origin`` is over: free its caches."""
+
+    session: int
+    origin: str
+
+
 class Cancel(_Struct, tag="cancel", frozen=True):
     """Drop any remaining work of ``request_id`` issued by coordinator ``origin``."""
 
@@ -224,4 +240,5 @@ Message = (
     | Error
     | Cancel
     | Checkpoint
+    | EndSession
 )

@@ -19,6 +19,7 @@ import logging
 from collections.abc import Callable
 
 import attrs
+import numpy as np
 import trio
 
 from ..config import SchedulingConfig
@@ -35,10 +36,19 @@ from ..errors import (
     error_kind,
 )
 from ..metrics import MetricsSink, RequestCompleted, RequestFailed, RequestRetried
-from ..protocol import Activation, Cancel, Checkpoint, Error, Result, StageSpec, WireTensor
+from ..protocol import (
+    Activation,
+    Cancel,
+    Checkpoint,
+    Error,
+    Result,
+    StageSpec,
+    WireTensor,
+    array_to_wire,
+)
 from .batching import batch_key, concat, split
 from .policy import make_policy
-from .task import InferenceTask, TaskStatus
+from .task import InferenceTask, SessionState, TaskStatus
 
 __all__ = ["SchedulingService"]
 
@@ -129,9 +139,18 @@ class SchedulingService:
     # -- the seed's interface: submit_task, query_status, cancel_task -----------------------
 
     def submit_task(
-        self, tensor: WireTensor, *, priority: int = 0, timeout: float | None = None
+        self,
+        tensor: WireTensor,
+        *,
+        priority: int = 0,
+        timeout: float | None = None,
+        session: SessionState | None = None,
     ) -> InferenceTask:
-        """Admit a task; raises ``SchedulingError`` at once when the queue is full."""
+        """Admit a task; raises ``SchedulingError`` at once when the queue is full.
+
+        With ``session`` the task is the next step of that generation session: ``tensor``
+        is all its tokens, and only those its stages have not cached are sent.
+        """
         if self.closing:
             raise ApiError("this Butterfly is closing; it accepts no new requests")
         if len(self._tasks) >= self.config.max_queue_size:
@@ -147,6 +166,7 @@ class SchedulingService:
             deadline=now + timeout if timeout is not None else None,
             submitted_at=now,
             status=TaskStatus.QUEUED,
+            session=session,
         )
         task.on_done.append(self._on_task_done)
         self._tasks[task.task_id] = task
@@ -256,12 +276,12 @@ class SchedulingService:
         """Add compatible queued tasks (arriving within ``max_batch_wait_ms``) up to the row limit."""
         limit = self.config.dispatch_batch_size
         tasks, rows = [first], first.rows
-        if rows >= limit:
-            return tasks
+        if rows >= limit or first.session is not None:
+            return tasks  # a session's step carries its own caches: never merged
         key = batch_key(first.input)
 
         def fits(t: InferenceTask) -> bool:
-            return batch_key(t.input) == key and rows + t.rows <= limit
+            return t.session is None and batch_key(t.input) == key and rows + t.rows <= limit
 
         deadline = trio.current_time() + self.config.max_batch_wait_ms / 1000
         while rows < limit:
@@ -329,7 +349,8 @@ class SchedulingService:
         try:
             batch.placement = await self.coordination.ensure_placement()
             batch.phases.advance(Phase.ASSIGNMENT)
-            stage, layer, tensor = self._entry(batch)
+            stage, layer, tensor, position = self._entry(batch)
+            session = batch.tasks[0].session
             if attempt:
                 self.metrics.emit(RequestRetried(batch.tasks[0].task_id, attempt, reason, layer))
             self._batches[batch.request_id] = batch
@@ -346,6 +367,8 @@ class SchedulingService:
                         origin=self.coordination.node_id,
                         layer=layer,
                         compute_s=0.0,
+                        session=session.session_id if session else 0,
+                        position=position,
                         tensor=tensor,
                     ),
                 )
@@ -353,6 +376,11 @@ class SchedulingService:
                 await self._await_outcome(batch, started)
                 if batch.result is not None:
                     self._recent_attempts_s.append(trio.current_time() - started)
+                if session is not None:
+                    # Cached on this placement now; after a failure, replay next time.
+                    ok = batch.result is not None
+                    session.epoch = epoch if ok else 0
+                    session.cached = session.tokens.shape[1] if ok else 0
             finally:
                 del self._batches[batch.request_id]
                 self.coordination.request_finished(epoch)
@@ -362,16 +390,26 @@ class SchedulingService:
         except ButterflyError as exc:
             batch.error = batch.error or exc
 
-    def _entry(self, batch: _Batch) -> tuple[StageSpec, int, WireTensor]:
-        """Where an attempt starts: at the batch's checkpoint if it has one, else at its input."""
+    def _entry(self, batch: _Batch) -> tuple[StageSpec, int, WireTensor, int]:
+        """Where an attempt starts (stage, layer, tensor, session position): at the batch's
+        checkpoint if it has one, else at its input; a session's step sends the tokens its
+        stages have not cached, or all of them (a replay) when their caches are gone."""
         assert batch.placement is not None
         stages = batch.placement.stages
         checkpoint = batch.checkpoint
         if checkpoint is not None:
             for stage in stages:
                 if stage.start <= checkpoint.layer < stage.stop:
-                    return stage, checkpoint.layer, checkpoint.tensor
-        return stages[0], stages[0].start, concat([t.input for t in batch.tasks])
+                    return stage, checkpoint.layer, checkpoint.tensor, 0
+        session = batch.tasks[0].session
+        if session is not None:
+            position = session.cached if session.epoch == batch.placement.epoch else 0
+            if position == 0 and session.started:
+                session.replays += 1
+            session.started = True
+            tokens = np.ascontiguousarray(session.tokens[:, position:])
+            return stages[0], stages[0].start, array_to_wire(tokens), position
+        return stages[0], stages[0].start, concat([t.input for t in batch.tasks]), 0
 
     def _attempt_timeout(self) -> float:
         slowest = max(self._recent_attempts_s, default=0.0)

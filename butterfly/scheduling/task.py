@@ -6,12 +6,13 @@ import enum
 from collections.abc import Callable
 
 import attrs
+import numpy as np
 import trio
 
 from ..errors import ButterflyError
 from ..protocol import WireTensor
 
-__all__ = ["InferenceTask", "TaskStatus"]
+__all__ = ["InferenceTask", "SessionState", "TaskStatus"]
 
 
 class TaskStatus(enum.StrEnum):
@@ -30,6 +31,25 @@ class TaskStatus(enum.StrEnum):
 
 
 @attrs.define(eq=False)
+class SessionState:
+    """A generation session as the scheduler sees it: its tokens, and what the stages cached.
+
+    A step sends only the tokens the stages have not cached when their caches were built
+    on the current placement; after a failure or a new placement it replays them all.
+    """
+
+    session_id: int
+    #: ``(batch, n)`` int64: the prompt and every token generated so far, the step's included.
+    tokens: np.ndarray
+    #: Placement epoch whose stages cache the first ``cached`` tokens (0: nothing cached).
+    epoch: int = 0
+    cached: int = 0
+    #: Steps that had to replay the whole sequence (a failure, eviction or new placement).
+    replays: int = 0
+    started: bool = False
+
+
+@attrs.define(eq=False)
 class InferenceTask:
     """One request. ``deadline`` is on trio's clock; ``None`` means no deadline."""
 
@@ -44,6 +64,8 @@ class InferenceTask:
     done: trio.Event = attrs.field(factory=trio.Event)
     #: Called once, in the trio thread, when the task reaches a final status.
     on_done: list[Callable[[InferenceTask], None]] = attrs.field(factory=list)
+    #: Set for a step of a generation session (its input is ``session.tokens``).
+    session: SessionState | None = None
 
     @property
     def rows(self) -> int:

@@ -32,6 +32,7 @@ from ..coordination.liveness import new_detector, watch_link
 from ..errors import ButterflyError, ComputeError, CoordinationError, NetworkError, error_kind
 from ..model import ModelInfo, ModelSource, StageRuntime
 from ..model.profile import available_memory
+from ..model.sessions import SessionStore
 from ..protocol import (
     PROTOCOL_VERSION,
     Ack,
@@ -40,6 +41,7 @@ from ..protocol import (
     Assigned,
     Cancel,
     Checkpoint,
+    EndSession,
     Error,
     Handshake,
     Heartbeat,
@@ -125,6 +127,9 @@ class WorkerService:
         self._assign_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self._in_flight = trio.Semaphore(4 * self.config.scheduling.max_in_flight)
+        gen = self.config.generation
+        #: State generation sessions keep on this worker's stages (KV caches).
+        self.sessions = SessionStore(max_bytes=gen.kv_cache_bytes, idle_s=gen.session_idle_s)
         #: Stage computations done, and requests dropped because they were cancelled.
         self.computed = 0
         self.dropped = 0
@@ -254,6 +259,8 @@ class WorkerService:
                     await self._admit(message)
                 case Cancel(request_id=rid):
                     self._cancel(origin, rid)
+                case EndSession(session=session):
+                    self.sessions.end(origin, session)
                 case _:
                     log.info("ignoring %s from coordinator %s", type(message).__name__, origin)
 
@@ -366,6 +373,7 @@ class WorkerService:
                             limiter=self.limiter,
                             max_bytes=self.config.network.max_message_size,
                             in_thread=self.in_threads,
+                            sessions=self.sessions,
                         )
                 for spec in mine:
                     if spec.index > 0:
@@ -533,8 +541,14 @@ class WorkerService:
             spec = plan.stages[stage]
             runtime = self._runtimes[(spec.start, spec.stop)]
             started = trio.current_time()
+            key = (origin, activation.session, activation.epoch, spec.start)
             try:
-                tensor = await runtime.forward(tensor, first=first)
+                tensor = await runtime.forward(
+                    tensor,
+                    first=first,
+                    session=key if activation.session else None,
+                    position=activation.position,
+                )
             except ButterflyError:
                 raise
             except Exception as exc:
@@ -554,7 +568,12 @@ class WorkerService:
                     await peer.send(Result(request_id=rid, epoch=activation.epoch, tensor=tensor))
                 return
             first = plan.stages[stage].start
-            if plan.checkpoint_interval and compute_s >= plan.checkpoint_interval and peer:
+            if (
+                plan.checkpoint_interval
+                and compute_s >= plan.checkpoint_interval
+                and peer
+                and not activation.session  # a session re-runs by replaying its tokens
+            ):
                 # A long request: let its coordinator keep this boundary (see Checkpoint).
                 await peer.send(
                     Checkpoint(request_id=rid, epoch=activation.epoch, layer=first, tensor=tensor)
@@ -571,6 +590,8 @@ class WorkerService:
                         origin=origin,
                         layer=first,
                         compute_s=compute_s,
+                        session=activation.session,
+                        position=activation.position,
                         tensor=tensor,
                     )
                 )

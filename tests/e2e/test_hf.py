@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -40,3 +42,28 @@ def test_all_minilm_over_three_worker_processes_gives_its_sentence_embeddings() 
     expected = reference.encode(SENTENCES, convert_to_tensor=True)
     assert got.shape == (3, 384)
     assert F.cosine_similarity(got, expected).min() >= 0.9999
+
+
+def test_greedy_generation_over_three_worker_processes_equals_transformers_generate(
+    tmp_path: Path,
+) -> None:
+    from tests.hf_models import save
+    from tests.test_generation import prompt, reference_generate
+
+    directory = save("llama", tmp_path / "llama")
+    ids = prompt(batch=2)
+    expected = reference_generate(directory, "llama", ids, 8)
+    config = {"partition": {"default_strategy": "uniform"}}
+    with (
+        LocalCluster(f"hf:{directory}", workers=3, threads=1) as cluster,
+        Butterfly.connect(cluster.addresses, config=config) as b,
+    ):
+        assert len(b.cluster().stages) == 3
+        assert torch.equal(b.generate(ids, max_new_tokens=8), expected)
+        # Streaming: the same tokens one step at a time; leaving early ends the session.
+        steps = []
+        for tokens in b.stream(ids, max_new_tokens=8):
+            steps.append(tokens)
+            if len(steps) == 3:
+                break
+        assert torch.equal(torch.stack(steps, dim=1), expected[:, 5:8])

@@ -1,0 +1,258 @@
+"""Generation with KV caches kept on the stages: tiny GPT-2 and Llama over 3 in-memory workers.
+
+The reference is transformers' own ``generate`` on the same saved model: greedy outputs
+must be identical token for token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import trio
+
+from butterfly import AsyncButterfly
+from butterfly.config import load_config
+from butterfly.errors import ApiError
+from butterfly.model import ModelSource
+from butterfly.transport import MemoryNetwork
+from butterfly.worker import WorkerService
+from tests.hf_models import MODEL_CLASSES, save
+from tests.inmemory import FAST
+
+transformers = pytest.importorskip("transformers")
+
+DECODERS = ("gpt2", "llama")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    paths: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in paths:
+            paths[family] = save(family, tmp_path_factory.mktemp(family))
+        return paths[family]
+
+    return get
+
+
+def reference_generate(directory: Path, family: str, ids: torch.Tensor, new: int) -> torch.Tensor:
+    model = getattr(transformers, MODEL_CLASSES[family]).from_pretrained(
+        directory, attn_implementation="sdpa"
+    )
+    model.generation_config.eos_token_id = None  # run all ``new`` steps, like max_new_tokens
+    with torch.inference_mode():
+        out: torch.Tensor = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out
+
+
+def prompt(batch: int = 2, seq: int = 5, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 90, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+class Cluster:
+    """Three in-memory workers serving an ``hf:`` model, each killable."""
+
+    def __init__(self) -> None:
+        self.net = MemoryNetwork()
+        self.scopes: list[trio.CancelScope] = []
+        self.workers: list[WorkerService] = []
+
+    async def start(self, nursery: trio.Nursery, directory: Path, config: Any = FAST) -> None:
+        for i in range(3):
+            worker = WorkerService(
+                ModelSource(f"hf:{directory}", profile=False),
+                transport=self.net,
+                listen=f"mem://w{i}",
+                peers=("mem://w0",) if i else (),
+                config=load_config(config),
+            )
+            scope = trio.CancelScope()
+            await nursery.start(_serve, scope, worker)
+            self.scopes.append(scope)
+            self.workers.append(worker)
+        await trio.sleep(0.05)
+
+
+async def _serve(
+    scope: trio.CancelScope, worker: WorkerService, task_status: trio.TaskStatus[None]
+) -> None:
+    with scope:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            task_status.started()
+
+
+@pytest.mark.parametrize("family", DECODERS)
+async def test_greedy_generation_equals_transformers_generate_token_for_token(
+    family: str, saved: Callable[[str], Path]
+) -> None:
+    ids = prompt(batch=2)
+    expected = reference_generate(saved(family), family, ids, 10)
+    cluster = Cluster()
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery, saved(family))
+        async with AsyncButterfly.connect(["mem://w0"], transport=cluster.net, config=FAST) as b:
+            assert len(b.cluster().stages) == 3
+            out = await b.generate(ids, max_new_tokens=10)
+            assert torch.equal(out, expected)
+            # The caches stayed on the stages: after the prompt, each step sent one token.
+            assert b.metrics()["requests_completed"] == 10
+        nursery.cancel_scope.cancel()
+
+
+async def test_two_concurrent_sessions_each_equal_their_own_local_generate(
+    saved: Callable[[str], Path],
+) -> None:
+    directory = saved("llama")
+    a, c = prompt(batch=1, seq=4, seed=1), prompt(batch=3, seq=6, seed=2)
+    expected = [reference_generate(directory, "llama", x, 8) for x in (a, c)]
+    cluster = Cluster()
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery, directory)
+        async with AsyncButterfly.connect(["mem://w0"], transport=cluster.net, config=FAST) as b:
+            results: dict[int, torch.Tensor] = {}
+
+            async def run(i: int, x: torch.Tensor) -> None:
+                results[i] = await b.generate(x, max_new_tokens=8)
+
+            async with trio.open_nursery() as sessions:
+                sessions.start_soon(run, 0, a)
+                sessions.start_soon(run, 1, c)
+            assert torch.equal(results[0], expected[0])
+            assert torch.equal(results[1], expected[1])
+        nursery.cancel_scope.cancel()
+        # Both sessions ended: no worker keeps their caches.
+        assert all(w.sessions.statistics()["sessions"] == 0 for w in cluster.workers)
+
+
+async def test_sampling_with_a_seed_is_reproducible(saved: Callable[[str], Path]) -> None:
+    cluster = Cluster()
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery, saved("gpt2"))
+        async with AsyncButterfly.connect(["mem://w0"], transport=cluster.net, config=FAST) as b:
+            ids = prompt(batch=2)
+            options = {"max_new_tokens": 12, "do_sample": True, "temperature": 1.5, "top_k": 40}
+            first = await b.generate(ids, seed=7, top_p=0.95, **options)
+            again = await b.generate(ids, seed=7, top_p=0.95, **options)
+            other = await b.generate(ids, seed=8, top_p=0.95, **options)
+            assert torch.equal(first, again)
+            assert not torch.equal(first, other)
+            assert torch.equal(first[:, :5], ids)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_stage_killed_mid_generation_is_replayed_with_identical_greedy_output(
+    saved: Callable[[str], Path],
+) -> None:
+    directory = saved("gpt2")
+    ids = prompt(batch=2)
+    expected = reference_generate(directory, "gpt2", ids, 12)
+    cluster = Cluster()
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery, directory)
+        async with AsyncButterfly.connect(["mem://w0"], transport=cluster.net, config=FAST) as b:
+            steps = []
+            async for tokens in b.stream(ids, max_new_tokens=12):
+                steps.append(tokens)
+                if len(steps) == 4:
+                    cluster.scopes[1].cancel()  # the middle stage's worker dies
+            out = torch.cat([ids, torch.stack(steps, dim=1)], dim=1)
+            assert torch.equal(out, expected)
+            assert len(b.cluster().stages) == 2
+            assert b.metrics()["requests_retried"].get("network", 0) >= 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_evicted_caches_are_rebuilt_by_replaying_the_session(
+    saved: Callable[[str], Path],
+) -> None:
+    # A cache budget of one byte: each session's step evicts the other's caches.
+    directory = saved("llama")
+    config = {**FAST, "generation": {"kv_cache_bytes": 1}}
+    a, c = prompt(batch=1, seq=4, seed=3), prompt(batch=1, seq=4, seed=4)
+    expected = [reference_generate(directory, "llama", x, 6) for x in (a, c)]
+    cluster = Cluster()
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery, directory, config)
+        async with AsyncButterfly.connect(["mem://w0"], transport=cluster.net, config=FAST) as b:
+            results: dict[int, torch.Tensor] = {}
+
+            async def run(i: int, x: torch.Tensor) -> None:
+                results[i] = await b.generate(x, max_new_tokens=6)
+
+            async with trio.open_nursery() as sessions:
+                sessions.start_soon(run, 0, a)
+                sessions.start_soon(run, 1, c)
+            assert torch.equal(results[0], expected[0])
+            assert torch.equal(results[1], expected[1])
+            assert sum(w.sessions.evicted for w in cluster.workers) > 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_numpy_prompt_gives_numpy_tokens_and_stop_ends_generation(
+    saved: Callable[[str], Path],
+) -> None:
+    directory = saved("gpt2")
+    ids = prompt(batch=1)
+    greedy = reference_generate(directory, "gpt2", ids, 10)[0, 5:].tolist()
+    stop = greedy[3]  # the 4th generated token
+    cluster = Cluster()
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery, directory)
+        async with AsyncButterfly.connect(["mem://w0"], transport=cluster.net, config=FAST) as b:
+            out = await b.generate(ids.numpy(), max_new_tokens=10, stop=[stop])
+            assert isinstance(out, np.ndarray) and out.dtype == np.int64
+            first_stop = greedy.index(stop)
+            assert out[0, 5:].tolist() == greedy[: first_stop + 1]
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("ids", "options", "message"),
+    [
+        (torch.tensor([[5, 6, -1]]), {}, "negative ids .padding.: generation takes unpadded"),
+        (torch.ones(1, 3), {}, "input_ids must hold integers, got dtype float32"),
+        (torch.ones(3, dtype=torch.int64), {}, r"shape \(batch, seq\) with both ≥ 1, got \(3,\)"),
+        ("hello", {}, "input_ids must be a numpy array or torch tensor of token ids, got str"),
+        (
+            torch.ones(1, 3, dtype=torch.int64),
+            {"max_new_tokens": 0},
+            "max_new_tokens must be an int ≥ 1, got 0",
+        ),
+        (torch.ones(1, 3, dtype=torch.int64), {"temperature": 0}, "temperature must be > 0, got 0"),
+        (
+            torch.ones(1, 3, dtype=torch.int64),
+            {"top_p": 1.5},
+            r"top_p must be in \(0, 1\], got 1.5",
+        ),
+        (
+            torch.ones(1, 3, dtype=torch.int64),
+            {"stop": "x"},
+            "stop must be a collection of token ids",
+        ),
+    ],
+)
+async def test_bad_generation_requests_are_api_errors_and_the_next_one_works(
+    ids: Any, options: dict[str, Any], message: str, saved: Callable[[str], Path]
+) -> None:
+    cluster = Cluster()
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery, saved("gpt2"))
+        async with AsyncButterfly.connect(["mem://w0"], transport=cluster.net, config=FAST) as b:
+            with pytest.raises(ApiError, match=message):
+                await b.generate(ids, **{"max_new_tokens": 2, **options})
+            out = await b.generate(prompt(batch=1), max_new_tokens=2)
+            assert out.shape == (1, 7)
+        nursery.cancel_scope.cancel()
