@@ -11,7 +11,7 @@ import time
 import torch
 from torch import nn
 
-from butterfly.model.zoo import mlp, small_transformer
+from butterfly.model.zoo import mlp, seeded, small_transformer
 
 __all__ = ["mlp", "raising", "random_mlp", "slow_mlp", "small_transformer"]
 
@@ -75,3 +75,25 @@ def random_mlp() -> nn.Sequential:
     with torch.no_grad():
         layer.weight.copy_(torch.randn(64, 64, generator=gen))
     return nn.Sequential(layer, nn.GELU(), nn.Linear(64, 64))
+
+
+class Ballast(nn.Module):
+    """A cheap layer with heavy weights: a linear map plus 1 MB of parameters it never reads
+    (think of an embedding table or an LM head next to light transformer blocks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(64, 64)
+        self.ballast = nn.Parameter(torch.zeros(250_000))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.linear(x)
+        return out
+
+
+def heavy_ends() -> nn.Sequential:
+    """Heavy-weight, cheap first and last layers around four light layers of 20 ms each."""
+    with seeded(0):
+        model = nn.Sequential(Ballast(), *(Sleep(0.02) for _ in range(4)), Ballast())
+    model.example_input = torch.zeros(1, 64)
+    return model

@@ -30,7 +30,7 @@ from butterfly.transport import MemoryNetwork
 from butterfly.types import WorkerState
 from butterfly.worker import WorkerService
 from tests.inmemory import FAST, local_forward, start_workers
-from tests.models import sleepy
+from tests.models import heavy_ends, sleepy
 
 
 async def test_infer_through_three_workers_equals_the_local_forward() -> None:
@@ -458,4 +458,38 @@ async def test_workers_measure_their_links_to_each_other_and_the_plan_uses_them(
             assert pairs == {(a, c) for a in ids for c in ids if a != c}
             assert all(link.bandwidth_bytes_per_s > 0 for _, _, link in cluster.worker_links)
             assert "link " in str(cluster)
+        nursery.cancel_scope.cancel()
+
+
+async def test_one_worker_holds_the_heavy_first_and_last_layers_as_two_stages() -> None:
+    # Only w0 can hold the 1 MB ends; w1 and w2 can hold only light layers. Without a
+    # worker holding two stages, w0 would have to run all six layers (80 ms per request);
+    # with them the four 20 ms layers are spread and the period is 40 ms.
+    net = MemoryNetwork()
+    config = load_config({**FAST, "partition": {"default_strategy": "topology_aware"}})
+    budgets = [10_000_000, 100_000, 100_000]
+    async with trio.open_nursery() as nursery:
+        workers = []
+        for i, budget in enumerate(budgets):
+            worker = WorkerService(
+                ModelSource("tests.models:heavy_ends"),
+                transport=net,
+                listen=f"mem://w{i}",
+                peers=("mem://w0",) if i else (),
+                config=config,
+                max_memory=budget,
+            )
+            await nursery.start(worker.run)
+            workers.append(worker)
+        async with AsyncButterfly.connect(["mem://w0"], transport=net, config=config) as b:
+            cluster = b.cluster()
+            owners = [s.node_id for s in cluster.stages]
+            assert owners[0] == owners[-1] == workers[0].node_id
+            assert len(cluster.stages) >= 3 and len(set(owners)) == 3
+            x = torch.randn(2, 64)
+            with torch.inference_mode():
+                expected = heavy_ends()(x)
+            torch.testing.assert_close(await b.infer(x), expected, rtol=0, atol=0)
+            assert cluster.quality is not None
+            assert cluster.quality.estimated_throughput_rps > 20  # 40 ms period, not 80 ms
         nursery.cancel_scope.cancel()
