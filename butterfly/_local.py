@@ -47,13 +47,21 @@ def model_import_path(model: str | Callable[..., Any]) -> str:
 class WorkerProcess:
     """One ``python -m butterfly.worker`` subprocess; its stderr goes to a log file."""
 
-    def __init__(self, args: Sequence[str], *, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        launcher: Sequence[str] = (),
+    ) -> None:
+        """``launcher`` prefixes the command (e.g. ``ip netns exec NS``); it must exec the
+        worker, so that the process and its signals are the worker's own."""
         self.args = list(args)
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - open as long as the process runs
             prefix="butterfly-worker-", suffix=".log", delete=False
         )
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "butterfly.worker", *self.args],
+            [*launcher, sys.executable, "-m", "butterfly.worker", *self.args],
             stdout=subprocess.PIPE,
             stderr=self.log,
             stdin=subprocess.DEVNULL,

@@ -121,7 +121,7 @@ class Portal:
         try:
             assert self._nursery is not None
             trio.from_thread.run_sync(self._nursery.start_soon, runner, trio_token=self._token)
-        except trio.RunFinishedError:
+        except (trio.RunFinishedError, RuntimeError):  # RuntimeError: the nursery is closing
             raise ApiError("this Butterfly is closed") from None
         try:
             return future.result()

@@ -493,3 +493,31 @@ async def test_one_worker_holds_the_heavy_first_and_last_layers_as_two_stages() 
             assert cluster.quality is not None
             assert cluster.quality.estimated_throughput_rps > 20  # 40 ms period, not 80 ms
         nursery.cancel_scope.cancel()
+
+
+async def test_an_internal_error_fails_only_its_request_and_the_client_keeps_serving(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    net = MemoryNetwork()
+    async with trio.open_nursery() as nursery:
+        await start_workers(nursery, net, "butterfly.model.zoo:mlp")
+        async with AsyncButterfly.connect(["mem://w0"], transport=net, config=FAST) as b:
+            scheduling = b._system.scheduling
+            entry = scheduling._entry
+            calls = 0
+
+            def broken_once(batch: object) -> object:
+                nonlocal calls
+                calls += 1
+                if calls == 1:
+                    raise ValueError("boom")
+                return entry(batch)  # type: ignore[arg-type]
+
+            monkeypatch.setattr(scheduling, "_entry", broken_once)
+            x = torch.randn(1, 64)
+            with pytest.raises(
+                SchedulingError, match=r"request 1 failed on an internal error: ValueError: boom"
+            ):
+                await b.infer(x)
+            torch.testing.assert_close(await b.infer(x), local_forward(x), rtol=0, atol=0)
+        nursery.cancel_scope.cancel()

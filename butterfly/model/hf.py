@@ -39,6 +39,7 @@ import functools
 import hashlib
 import importlib
 import inspect
+import io
 import json
 import os
 import statistics
@@ -525,12 +526,60 @@ class CheckpointStatistics:
     bytes_read: int
 
 
+#: safetensors dtype names → torch dtypes.
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@attrs.frozen
+class _Stored:
+    """Where one tensor lies in a safetensors file."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def _read_header(file: Path) -> dict[str, _Stored]:
+    """The tensors of a safetensors file: an 8-byte little-endian header length, a JSON
+    header of ``{name: {dtype, shape, data_offsets}}``, then the data."""
+    with file.open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    stored = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        start, stop = entry["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ValueError(f"tensor {key!r} has unsupported dtype {entry['dtype']!r}")
+        stored[key] = _Stored(file, dtype, tuple(entry["shape"]), 8 + size + start, stop - start)
+    return stored
+
+
 class _Checkpoint:
-    """The safetensors files of one directory: which file holds each tensor, read on demand."""
+    """The safetensors files of one directory: which file holds each tensor, read on demand.
+
+    Tensors are read with plain file reads into memory of their own, not through a memory
+    map: mapped file pages count in the worker's resident memory next to the copy a layer
+    keeps, which doubled its peak. A layer's bytes also stay what its digest was checked
+    on when the file is rewritten while the worker runs.
+    """
 
     def __init__(self, directory: Path) -> None:
-        from safetensors import safe_open
-
         self.directory = directory
         index = directory / "model.safetensors.index.json"
         if index.is_file():
@@ -546,16 +595,14 @@ class _Checkpoint:
                 f"no weights in {str(directory)!r}: expected *.safetensors files "
                 "(save_pretrained(..., safe_serialization=True) writes them)"
             )
-        self.files: dict[str, Path] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.stored: dict[str, _Stored] = {}
         for file in files:
             try:
-                with safe_open(str(file), framework="pt", device="cpu") as f:
-                    for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                        self.files[key] = file
-                        self.shapes[key] = tuple(f.get_slice(key).get_shape())
-            except Exception as exc:
+                self.stored.update(_read_header(file))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise ModelError(f"cannot open weights file {str(file)!r}: {exc}") from exc
+        self.files = {key: s.file for key, s in self.stored.items()}
+        self.shapes = {key: s.shape for key, s in self.stored.items()}
         self._keys_read: list[str] = []
         self._bytes_read = 0
 
@@ -573,17 +620,31 @@ class _Reader:
     def __init__(self, checkpoint: _Checkpoint, stack: contextlib.ExitStack) -> None:
         self._checkpoint = checkpoint
         self._stack = stack
-        self._handles: dict[Path, Any] = {}
+        self._handles: dict[Path, io.BufferedReader] = {}
 
-    def _handle(self, key: str) -> Any:
-        from safetensors import safe_open
-
-        file = self._checkpoint.files[key]
-        if file not in self._handles:
-            self._handles[file] = self._stack.enter_context(
-                safe_open(str(file), framework="pt", device="cpu")
-            )
-        return self._handles[file]
+    def _load(self, key: str, start_row: int = 0, rows: int | None = None) -> torch.Tensor:
+        """Rows ``[start_row, start_row + rows)`` of a stored tensor (all of it by default),
+        read from the file into memory the returned tensor owns."""
+        stored = self._checkpoint.stored[key]
+        if stored.file not in self._handles:
+            self._handles[stored.file] = self._stack.enter_context(stored.file.open("rb"))
+        shape = list(stored.shape)
+        row_bytes = stored.nbytes // shape[0] if shape and shape[0] else stored.nbytes
+        if shape:
+            total = shape[0]
+            rows = total - start_row if rows is None else min(rows, total - start_row)
+            shape[0] = rows
+        else:
+            rows = 1
+        size = rows * row_bytes
+        if size == 0:
+            return torch.empty(shape, dtype=stored.dtype)
+        buffer = bytearray(size)
+        f = self._handles[stored.file]
+        f.seek(stored.offset + start_row * row_bytes)
+        if f.readinto(buffer) != size:
+            raise ModelError(f"weights file {str(stored.file)!r} ends inside tensor {key!r}")
+        return torch.frombuffer(buffer, dtype=stored.dtype).reshape(shape)
 
     def _count(self, key: str, tensor: torch.Tensor, first: bool) -> None:
         if first:
@@ -597,10 +658,9 @@ class _Reader:
         so that the bytes its digest was checked on cannot change (or vanish, SIGBUS) when
         the file is rewritten while the worker runs.
         """
-        stored: torch.Tensor = self._handle(key).get_tensor(key)
+        stored = self._load(key)
         self._count(key, stored, first=True)
-        tensor = stored.to(dtype) if stored.is_floating_point() else stored
-        return tensor.clone() if tensor is stored else tensor
+        return stored.to(dtype) if stored.is_floating_point() else stored
 
     def chunks(self, key: str, dtype: torch.dtype, max_bytes: int) -> Iterator[torch.Tensor]:
         """The tensor in row blocks of at most ``max_bytes`` (before the cast), each cast to ``dtype``."""
@@ -608,14 +668,13 @@ class _Reader:
         if len(shape) == 0:
             yield self.read(key, dtype)
             return
-        part = self._handle(key).get_slice(key)
         row_numel = 1
         for size in shape[1:]:
             row_numel *= size
         # 8 bytes: the widest element; exactness of the bound does not matter.
         rows = max(1, max_bytes // max(row_numel * 8, 1))
         for start in range(0, max(shape[0], 1), rows):
-            tensor: torch.Tensor = part[start : start + rows]
+            tensor = self._load(key, start, rows)
             self._count(key, tensor, first=start == 0)
             yield tensor.to(dtype) if tensor.is_floating_point() else tensor
 

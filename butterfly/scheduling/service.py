@@ -389,6 +389,13 @@ class SchedulingService:
                         await self._cancel_on_workers(batch)
         except ButterflyError as exc:
             batch.error = batch.error or exc
+        except Exception as exc:
+            # A bug on one request's path must fail that request, not the whole client.
+            log.exception("request %d failed unexpectedly", batch.request_id)
+            batch.error = batch.error or SchedulingError(
+                f"request {batch.request_id} failed on an internal error: "
+                f"{type(exc).__name__}: {exc}"
+            )
 
     def _entry(self, batch: _Batch) -> tuple[StageSpec, int, WireTensor, int]:
         """Where an attempt starts (stage, layer, tensor, session position): at the batch's
