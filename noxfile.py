@@ -64,7 +64,7 @@ def demo(session: nox.Session) -> None:
     session.run("python", "-m", "butterfly", "demo", *session.posargs)
 
 
-BENCHES = ("transport", "pipeline", "placement", "faults")
+BENCHES = ("transport", "pipeline", "placement", "faults", "memory")
 
 
 @nox.session
@@ -73,7 +73,8 @@ def bench(session: nox.Session) -> None:
 
     transport: websocket hop vs raw TCP; pipeline: vs a local forward and GPipe on the
     reference workload; placement: planning time and throughput per strategy; faults:
-    requests lost / duplicated / wrong under injected faults, and recovery times.
+    requests lost / duplicated / wrong under injected faults, and recovery times; memory:
+    peak RSS of workers holding parts of a model larger than each one's --max-memory.
     """
     install(session, "test")
     for name in session.posargs or BENCHES:
