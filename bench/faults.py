@@ -32,7 +32,7 @@ import trio
 from butterfly import AsyncButterfly, LocalCluster
 from butterfly.model import ModelSource
 from butterfly.model.zoo import mlp
-from tests.chaos import run_seed
+from tests.chaos import run_seeds
 
 MODEL = "butterfly.model.zoo:mlp"
 REQUESTS = 100
@@ -40,22 +40,8 @@ IN_FLIGHT = 8
 
 
 def memory_report(seeds: int) -> dict[str, Any]:
-    source = ModelSource(MODEL, profile=False)
-    totals: collections.Counter[str] = collections.Counter()
-    faults: collections.Counter[str] = collections.Counter()
     start = time.perf_counter()
-    for seed in range(seeds):
-        outcome = run_seed(seed, source=source)
-        totals.update(
-            submitted=outcome.submitted,
-            completed=outcome.completed,
-            lost=outcome.lost,
-            failed=outcome.failed,
-            duplicated=outcome.duplicated,
-            wrong=outcome.wrong,
-            retries=outcome.retries,
-        )
-        faults.update(outcome.fault_counts())
+    totals, faults, _ = run_seeds(range(seeds), ModelSource(MODEL, profile=False))
     return {
         "seeds": seeds,
         "faults": dict(faults),

@@ -186,11 +186,7 @@ class Butterfly:
         reproducible; rows end at a ``stop`` token (and then repeat it). ``timeout`` bounds
         each step. Each stage keeps the session's KV cache, so a step sends one token.
         """
-        parts = [
-            np.asarray(
-                input_ids.detach().cpu() if isinstance(input_ids, torch.Tensor) else input_ids
-            )
-        ]
+        parts = [check_token_ids(input_ids)]
         for tokens in self.stream(
             input_ids,
             max_new_tokens=max_new_tokens,

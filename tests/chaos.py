@@ -6,6 +6,8 @@ Used by the 1,000-seed test (tests/test_faults.py) and the fault report in bench
 from __future__ import annotations
 
 import collections
+from collections import Counter
+from collections.abc import Iterable
 
 import attrs
 import torch
@@ -108,6 +110,31 @@ async def _run(
         faults=tuple((f.link, f.index, f.kind) for f in net.faults),
         retries=retries,
     )
+
+
+def run_seeds(
+    seeds: Iterable[int], source: ModelSource
+) -> tuple[Counter[str], Counter[str], list[int]]:
+    """Totals of :class:`Outcome` counts over ``seeds``, faults by kind, and the seeds that
+    lost, duplicated or got a wrong answer (replay one with :func:`run_seed`)."""
+    totals: Counter[str] = collections.Counter()
+    faults: Counter[str] = collections.Counter()
+    bad = []
+    for seed in seeds:
+        outcome = run_seed(seed, source=source)
+        totals.update(
+            submitted=outcome.submitted,
+            completed=outcome.completed,
+            lost=outcome.lost,
+            failed=outcome.failed,
+            duplicated=outcome.duplicated,
+            wrong=outcome.wrong,
+            retries=outcome.retries,
+        )
+        faults.update(outcome.fault_counts())
+        if outcome.lost or outcome.duplicated or outcome.wrong:
+            bad.append(seed)
+    return totals, faults, bad
 
 
 def run_seed(

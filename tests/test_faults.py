@@ -6,8 +6,6 @@ on a mock clock, and sends 4 concurrent requests once the cluster is up (see tes
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
 import trio
@@ -17,30 +15,14 @@ from butterfly.config import load_config
 from butterfly.model import ModelSource
 from butterfly.transport.faults import FaultyNetwork
 from butterfly.worker import WorkerService
-from tests.chaos import CHAOS, run_seed
+from tests.chaos import CHAOS, run_seed, run_seeds
 from tests.inmemory import local_forward
 
 
 @pytest.mark.slow
 def test_1000_seeds_of_5_percent_drop_duplicate_reorder_lose_and_duplicate_nothing() -> None:
     source = ModelSource("butterfly.model.zoo:mlp", profile=False)
-    totals: collections.Counter[str] = collections.Counter()
-    faults: collections.Counter[str] = collections.Counter()
-    bad = []
-    for seed in range(1000):
-        outcome = run_seed(seed, source=source)
-        totals.update(
-            submitted=outcome.submitted,
-            completed=outcome.completed,
-            lost=outcome.lost,
-            failed=outcome.failed,
-            duplicated=outcome.duplicated,
-            wrong=outcome.wrong,
-            retries=outcome.retries,
-        )
-        faults.update(outcome.fault_counts())
-        if outcome.lost or outcome.duplicated or outcome.wrong:
-            bad.append(seed)
+    totals, faults, bad = run_seeds(range(1000), source)
     assert bad == []  # replay one with run_seed(seed)
     assert (totals["submitted"], totals["completed"]) == (4000, 4000)
     assert (totals["lost"], totals["failed"], totals["duplicated"], totals["wrong"]) == (0, 0, 0, 0)

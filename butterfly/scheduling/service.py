@@ -478,25 +478,23 @@ class SchedulingService:
 
     # -- responses from the workers ------------------------------------------------------------
 
+    def _attempt_on(self, request_id: int, epoch: int) -> _Batch | None:
+        """The batch whose current attempt is ``request_id`` on placement ``epoch``: answers
+        of earlier attempts or of an old epoch find none and are dropped."""
+        batch = self._batches.get(request_id)
+        if batch is None or batch.placement is None or batch.placement.epoch != epoch:
+            return None
+        return batch
+
     async def _route_responses(self) -> None:
         async for response in self._responses:
             match response:
                 case Result(request_id=rid, epoch=epoch, tensor=tensor):
-                    batch = self._batches.get(rid)
-                    if (
-                        batch is not None
-                        and batch.placement is not None
-                        and batch.placement.epoch == epoch
-                    ):
+                    if batch := self._attempt_on(rid, epoch):
                         batch.result = tensor
                         batch.wake.set()
                 case Checkpoint(request_id=rid, epoch=epoch):
-                    batch = self._batches.get(rid)
-                    if (
-                        batch is not None
-                        and batch.placement is not None
-                        and batch.placement.epoch == epoch
-                    ):
+                    if batch := self._attempt_on(rid, epoch):
                         batch.checkpoint = response
                 case Error(request_id=rid):
                     batch = self._batches.get(rid)
