@@ -339,8 +339,12 @@ class SchedulingService:
                 [t.task_id for t in batch.live()],
                 batch.error,
             )
-            # Let coordination notice the loss before planning again.
-            await trio.sleep(_RETRY_DELAY_S * (attempt + 1))
+            # Let coordination notice the loss before planning again. The microseconds by
+            # task id make the requests a loss woke together go again oldest first (they
+            # then queue fairly for the placement); trio would otherwise wake them in any order.
+            await trio.sleep(
+                _RETRY_DELAY_S * (attempt + 1) + 1e-6 * (batch.tasks[0].task_id % 10_000)
+            )
 
     async def _attempt(self, batch: _Batch, attempt: int, reason: str) -> None:
         """One trip: wait for its outcome, its tasks' deadlines or their cancellation;
