@@ -43,6 +43,7 @@ import io
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -985,8 +986,19 @@ class HuggingFaceModel:
         checkpoint = self._reader_source()
         done: set[int] = set()
         loaded: dict[str, torch.Tensor] = {}  # one copy of a tensor two layers share (tied)
-        with checkpoint.reading() as reader:
-            for plan in selected:
+        # A progress bar on the worker's terminal (tqdm comes with transformers; it stays
+        # silent when stderr is not a terminal, e.g. a log file).
+        from tqdm.auto import tqdm  # type: ignore[import-untyped,import-not-found,unused-ignore]
+
+        progress = tqdm(
+            selected,
+            desc=f"loading layers {start}..{stop - 1}",
+            unit="layer",
+            disable=None,
+            file=sys.stderr,
+        )
+        with checkpoint.reading() as reader, progress:
+            for plan in progress:
                 self._materialise_buffers(model, plan.layer, done)
                 keys = self._checkpoint_keys(model, plan)
                 state = {}
