@@ -521,3 +521,21 @@ async def test_an_internal_error_fails_only_its_request_and_the_client_keeps_ser
                 await b.infer(x)
             torch.testing.assert_close(await b.infer(x), local_forward(x), rtol=0, atol=0)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_lost_worker_is_replaced_in_the_placement_without_waiting_for_a_request() -> None:
+    net = MemoryNetwork()
+    async with trio.open_nursery() as nursery:
+        scopes = [await nursery.start(_cancellable_worker, net, i) for i in range(3)]
+        await trio.sleep(0.05)
+        async with AsyncButterfly.connect(["mem://w0"], transport=net, config=FAST) as b:
+            lost = scopes[2].service.node_id
+            scopes[2].cancel()
+            with trio.fail_after(5):
+                while b.cluster().epoch != 2:  # noqa: ASYNC110 - polls the public view
+                    await trio.sleep(0.01)
+            cluster = b.cluster()
+            assert len(cluster.stages) == 2
+            assert lost not in {s.node_id for s in cluster.stages}
+            assert b.metrics()["requests_completed"] == 0  # no request was needed for it
+        nursery.cancel_scope.cancel()

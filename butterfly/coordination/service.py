@@ -154,6 +154,8 @@ class CoordinationService:
         self._num_layers = 0
         self.input_spec = InputSpec()
         self._nursery: trio.Nursery | None = None
+        #: The first placement is made: later changes of the worker set re-plan at once.
+        self._serving = False
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -166,6 +168,7 @@ class CoordinationService:
             await self._settle_discovery()
             self._adopt_model()
             await self.ensure_placement()
+            self._serving = True
             task_status.started()
 
     def _add_address(self, address: str) -> None:
@@ -258,7 +261,20 @@ class CoordinationService:
                 if self._placement is not None and worker.node_id in self._placement.nodes:
                     self._placement = None
                 await self.responses.send(WorkerLost(worker.node_id, worker.address, reason))
+                self._replan_soon()
             await trio.sleep(delays[min(failures, len(delays) - 1)])
+
+    def _replan_soon(self) -> None:
+        """Re-place the model now that the worker set changed, without waiting for a request:
+        the next request finds the new placement ready, and ``cluster()`` never shows none."""
+        if self._serving and self._nursery is not None:
+            self._nursery.start_soon(self._replan)
+
+    async def _replan(self) -> None:
+        try:
+            await self.ensure_placement()
+        except ButterflyError as exc:  # requests will meet (and report) the same error
+            log.warning("re-placement after a change of workers failed: %s", exc)
 
     async def _connect_and_serve(self, worker: _Worker) -> None:
         net = self.config.network
@@ -297,6 +313,7 @@ class CoordinationService:
                 worker.first_attempt.set()
                 for address in hello.peers:
                     self._add_address(address)
+                self._replan_soon()
 
     async def _ping(self, worker: _Worker, peer: Peer, payload: bytes = b"") -> float:
         """Seconds until the worker acknowledges a Probe carrying ``payload``."""
