@@ -6,7 +6,7 @@ faults, and recovery time from a kill to the first request completed on the new 
 * memory: ``--seeds`` runs of 3 workers + a coordinator in one process over the seeded
   fault transport (5 % drop, 5 % duplicate, 5 % reorder; tests/chaos.py), 4 requests each;
 * sigkill: 3 real worker processes, 100 requests kept 8 in flight; one random worker
-  (by seed) is SIGKILLed after a random number of requests (``--kills`` seeds);
+  holding a stage (by seed) is SIGKILLed after a random number of requests (``--kills`` seeds);
 * sigstop: the same with SIGSTOP instead (the process keeps its sockets open, so only the
   phi-accrual detector can tell), default heartbeat settings: 1 s interval, 3 s pause.
 
@@ -71,7 +71,9 @@ async def _process_run(seed: int, fault: str, config: dict[str, Any]) -> dict[st
     wrong = failed = 0
     with LocalCluster(MODEL, workers=3, threads=1) as cluster:
         async with AsyncButterfly.connect(cluster.addresses, config=config) as b:
-            victim = rng.choice(cluster.processes)
+            # A worker that holds a stage: faulting an idle one interrupts nothing.
+            serving = {s.node_id for s in b.cluster().stages}
+            victim = rng.choice([p for p in cluster.processes if p.node_id in serving])
             fault_after = rng.randrange(10, 50)
             epoch_before = b.cluster().epoch
             slots = trio.Semaphore(IN_FLIGHT)
