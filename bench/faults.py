@@ -148,13 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     report: dict[str, Any] = {}
-    memory = report["memory"] = memory_report(args.seeds)
-    print(
-        f"in-memory, {memory['seeds']} seeds × 4 requests, 5% drop/duplicate/reorder: "
-        f"faults {memory['faults']}; submitted {memory['submitted']}, completed "
-        f"{memory['completed']}, lost {memory['lost']}, duplicated {memory['duplicated']}, "
-        f"wrong {memory['wrong']}, re-runs {memory['retries']} ({memory['wall_s']:.0f} s)"
-    )
+    if args.seeds:
+        memory = report["memory"] = memory_report(args.seeds)
+        print(
+            f"in-memory, {memory['seeds']} seeds × 4 requests, 5% drop/duplicate/reorder: "
+            f"faults {memory['faults']}; submitted {memory['submitted']}, completed "
+            f"{memory['completed']}, lost {memory['lost']}, duplicated {memory['duplicated']}, "
+            f"wrong {memory['wrong']}, re-runs {memory['retries']} ({memory['wall_s']:.0f} s)"
+        )
     for fault, seeds in (("sigkill", args.kills), ("sigstop", args.stops)):
         if not seeds:
             continue

@@ -72,3 +72,21 @@ class PhiAccrualDetector:
 
     def suspects(self, now: float) -> bool:
         return self.phi(now) >= self.threshold
+
+    def time_to_suspicion(self, now: float) -> float:
+        """Seconds from ``now`` until φ reaches the threshold if no heartbeat arrives (0 if it
+        already has), so a watcher can check exactly then instead of at its next tick.
+
+        φ increases with the gap, so the crossing is found by bisection (to 1 µs).
+        """
+        if self._last is None:
+            return math.inf
+        if self.phi(now) >= self.threshold:
+            return 0.0
+        low, high = now, now + 1.0
+        while self.phi(high) < self.threshold:
+            low, high = high, now + 2 * (high - now)
+        while high - low > 1e-6:
+            middle = (low + high) / 2
+            low, high = (low, middle) if self.phi(middle) >= self.threshold else (middle, high)
+        return high - now

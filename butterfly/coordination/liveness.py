@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Iterator
 
 import trio
@@ -59,13 +60,20 @@ async def watch_link(
     The caller's receive loop feeds ``detector.heartbeat(now)`` with what it hears.
     """
     seq = seq if seq is not None else itertools.count()
+    interval = config.heartbeat_interval
+    next_beat = trio.current_time() + interval if send_heartbeats else math.inf
     while True:
-        await trio.sleep(config.heartbeat_interval)
-        level = detector.phi(trio.current_time())
+        # Wake for the next heartbeat to send, or when φ would cross the threshold if
+        # nothing arrives meanwhile, whichever comes first (a ms late, so it has crossed).
+        now = trio.current_time()
+        await trio.sleep(max(0.0, min(next_beat - now, detector.time_to_suspicion(now) + 1e-3)))
+        now = trio.current_time()
+        level = detector.phi(now)
         if level >= config.phi_threshold:
             log.warning("%s suspected (phi %.1f): closing the link", label, level)
             await peer.conn.aclose()  # bounded: a close frame that cannot leave is given up
             return
-        if send_heartbeats:
-            with trio.move_on_after(config.heartbeat_interval):
+        if now >= next_beat:
+            next_beat = now + interval
+            with trio.move_on_after(interval):
                 await peer.send(Heartbeat(seq=next(seq)))

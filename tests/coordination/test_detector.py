@@ -77,3 +77,14 @@ def test_without_an_acceptable_pause_the_same_silence_is_suspicious() -> None:
 
 def test_no_heartbeat_yet_means_no_suspicion() -> None:
     assert PhiAccrualDetector().phi(now=1e6) == 0.0
+
+
+def test_time_to_suspicion_is_when_phi_reaches_the_threshold() -> None:
+    d = PhiAccrualDetector(threshold=8.0, acceptable_pause=3.0, first_interval=1.0)
+    for t in range(10):
+        d.heartbeat(float(t))
+    wait = d.time_to_suspicion(9.5)
+    assert 3.5 < wait < 6.0
+    assert d.phi(9.5 + wait) >= 8.0 > d.phi(9.5 + wait - 1e-5)
+    assert d.time_to_suspicion(9.5 + wait + 1) == 0.0
+    assert PhiAccrualDetector().time_to_suspicion(0.0) == float("inf")
