@@ -96,11 +96,13 @@ class ModelPartition:
 class PartitionQuality:
     """How good a plan is, computed from the plan and its inputs.
 
-    ``load_balance``: fastest stage time / slowest stage time (1.0 is perfect balance);
-    ``communication_volume_mb``: activation megabytes crossing stage boundaries per request;
+    Per node, not per stage: a node holding several stages carries their sum.
+
+    ``load_balance``: least loaded node's time / busiest node's time (1.0 is perfect balance);
+    ``communication_volume_mb``: activation megabytes crossing between nodes per request;
     ``peak_memory_gb``: the most weight memory any node holds;
     ``estimated_latency_ms``: one request's time through every stage and transfer;
-    ``estimated_throughput_rps``: requests per second when pipelined (1000 / slowest stage).
+    ``estimated_throughput_rps``: requests per second when pipelined (1000 / busiest node's time).
     """
 
     load_balance: float
