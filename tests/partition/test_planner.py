@@ -14,6 +14,7 @@ from butterfly.partition import estimate_quality, plan
 from butterfly.partition.costs import CostModel
 from butterfly.partition.dp import evaluate, exact_plan, ordered_plan, search_orders
 from butterfly.types import LayerInfo, Link, NodeCapability, Topology
+from tests.partition.strategies import instances
 
 
 def compositions(n: int, parts: int) -> list[list[int]]:
@@ -32,33 +33,12 @@ def brute_force(costs: CostModel, objective: str) -> float:
 
 
 @st.composite
-def instances(draw: st.DrawFn) -> CostModel:
-    n_layers = draw(st.integers(1, 6))
-    n_nodes = draw(st.integers(1, 4))
-    layers = [
-        LayerInfo(
-            i,
-            draw(st.floats(0.5, 20)),
-            draw(st.integers(1, 50)),
-            draw(st.integers(0, 4_000_000)),
-        )
-        for i in range(n_layers)
-    ]
-    nodes = [
-        NodeCapability(f"n{a}", draw(st.floats(0.2, 4)), draw(st.integers(10, 200)))
-        for a in range(n_nodes)
-    ]
-    links = tuple(
-        (f"n{a}", f"n{b}", Link(draw(st.floats(1e7, 1e10)), draw(st.floats(0, 0.005))))
-        for a in range(n_nodes)
-        for b in range(n_nodes)
-        if a != b and draw(st.booleans())
-    )
-    return CostModel(layers, nodes, Topology(links=links))
+def cost_models(draw: st.DrawFn) -> CostModel:
+    return CostModel(*draw(instances(max_layers=6, min_nodes=1, max_nodes=4)))
 
 
 @settings(max_examples=1500, deadline=None)
-@given(instances(), st.sampled_from(["throughput", "latency"]))
+@given(cost_models(), st.sampled_from(["throughput", "latency"]))
 def test_exact_dp_equals_brute_force(costs: CostModel, objective: str) -> None:
     value, stages = exact_plan(costs, objective)
     expected = brute_force(costs, objective)
@@ -74,7 +54,7 @@ def test_exact_dp_equals_brute_force(costs: CostModel, objective: str) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(instances(), st.sampled_from(["throughput", "latency"]))
+@given(cost_models(), st.sampled_from(["throughput", "latency"]))
 def test_ordered_dp_over_every_order_equals_the_exact_dp(costs: CostModel, objective: str) -> None:
     exact, _ = exact_plan(costs, objective)
     best = min(

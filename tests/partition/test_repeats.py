@@ -15,7 +15,8 @@ from butterfly.partition import estimate_quality, plan
 from butterfly.partition.costs import CostModel, Stage
 from butterfly.partition.dp import exact_plan
 from butterfly.partition.repeats import exhaustive_plan, wrap_search
-from butterfly.types import LayerInfo, Link, ModelPartition, NodeCapability, Topology
+from butterfly.types import LayerInfo, ModelPartition, NodeCapability, Topology
+from tests.partition.strategies import instances
 
 # The default link: 1 GB/s and 0.1 ms, so 1 MB of activations takes 1.1 ms to send.
 MB = 1_000_000
@@ -77,34 +78,6 @@ def wrap_plans(costs: CostModel) -> list[list[Stage]]:
                         middle = [(nodes[s], bounds[s], bounds[s + 1]) for s in range(k)]
                         plans.append([(w, 0, i), *middle, (w, j, n)])
     return plans
-
-
-@st.composite
-def instances(
-    draw: st.DrawFn, max_layers: int, min_nodes: int, max_nodes: int
-) -> tuple[list[LayerInfo], list[NodeCapability], Topology]:
-    n_layers = draw(st.integers(1, max_layers))
-    n_nodes = draw(st.integers(min_nodes, max_nodes))
-    layers = [
-        LayerInfo(
-            i,
-            draw(st.floats(0.5, 20)),
-            draw(st.integers(1, 50)),
-            draw(st.integers(0, 4_000_000)),
-        )
-        for i in range(n_layers)
-    ]
-    nodes = [
-        NodeCapability(f"n{a}", draw(st.floats(0.2, 4)), draw(st.integers(10, 200)))
-        for a in range(n_nodes)
-    ]
-    links = tuple(
-        (f"n{a}", f"n{b}", Link(draw(st.floats(1e7, 1e10)), draw(st.floats(0, 0.005))))
-        for a in range(n_nodes)
-        for b in range(n_nodes)
-        if a != b and draw(st.booleans())
-    )
-    return layers, nodes, Topology(links=links)
 
 
 def planned_cost(partitions: list[ModelPartition], costs: CostModel, objective: str) -> float:
