@@ -9,4 +9,5 @@ from .events import PlanComputed as PlanComputed
 from .events import RequestCompleted as RequestCompleted
 from .events import RequestFailed as RequestFailed
 from .events import RequestRetried as RequestRetried
+from .events import SessionReplayed as SessionReplayed
 from .events import WorkerStateChanged as WorkerStateChanged

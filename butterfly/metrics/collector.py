@@ -23,6 +23,7 @@ from .events import (
     RequestCompleted,
     RequestFailed,
     RequestRetried,
+    SessionReplayed,
     WorkerStateChanged,
 )
 
@@ -44,6 +45,7 @@ class MetricsService:
         self.failed: collections.Counter[str] = collections.Counter()
         self.retried: collections.Counter[str] = collections.Counter()
         self.resumed = 0
+        self.session_replays = 0
         self.worker_states: dict[str, str] = {}
         self.placements = 0
         self.plan_cache = collections.Counter[str]()
@@ -68,6 +70,8 @@ class MetricsService:
             case RequestRetried(reason=reason, layer=layer):
                 self.retried[reason] += 1
                 self.resumed += layer > 0
+            case SessionReplayed():
+                self.session_replays += 1
             case WorkerStateChanged(node_id=node, state=state):
                 self.worker_states[node] = state
             case PlacementChanged():
@@ -91,6 +95,7 @@ class MetricsService:
             "requests_failed": dict(self.failed),
             "requests_retried": dict(self.retried),
             "requests_resumed_from_checkpoint": self.resumed,
+            "session_replays": self.session_replays,
             "latency_p50_s": pct(0.5),
             "latency_p99_s": pct(0.99),
             "latency_mean_s": statistics.fmean(lat) if lat else None,

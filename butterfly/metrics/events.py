@@ -12,6 +12,7 @@ __all__ = [
     "RequestCompleted",
     "RequestFailed",
     "RequestRetried",
+    "SessionReplayed",
     "WorkerStateChanged",
 ]
 
@@ -38,6 +39,15 @@ class RequestRetried:
     attempt: int
     reason: str
     layer: int
+
+
+@attrs.frozen
+class SessionReplayed:
+    """Generation session ``session_id`` resent all its ``tokens``: its stages' caches were
+    gone (a lost worker, an eviction, or a new placement)."""
+
+    session_id: int
+    tokens: int
 
 
 @attrs.frozen
@@ -73,6 +83,7 @@ Event = (
     RequestCompleted
     | RequestFailed
     | RequestRetried
+    | SessionReplayed
     | WorkerStateChanged
     | PlacementChanged
     | PlanComputed

@@ -35,7 +35,13 @@ from ..errors import (
     SchedulingError,
     error_kind,
 )
-from ..metrics import MetricsSink, RequestCompleted, RequestFailed, RequestRetried
+from ..metrics import (
+    MetricsSink,
+    RequestCompleted,
+    RequestFailed,
+    RequestRetried,
+    SessionReplayed,
+)
 from ..protocol import (
     Activation,
     Cancel,
@@ -417,6 +423,7 @@ class SchedulingService:
             position = session.cached if session.epoch == batch.placement.epoch else 0
             if position == 0 and session.started:
                 session.replays += 1
+                self.metrics.emit(SessionReplayed(session.session_id, session.tokens.shape[1]))
             session.started = True
             tokens = np.ascontiguousarray(session.tokens[:, position:])
             return stages[0], stages[0].start, array_to_wire(tokens), position

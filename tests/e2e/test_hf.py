@@ -67,3 +67,29 @@ def test_greedy_generation_over_three_worker_processes_equals_transformers_gener
             if len(steps) == 3:
                 break
         assert torch.equal(torch.stack(steps, dim=1), expected[:, 5:8])
+
+
+def test_generation_survives_a_worker_process_killed_mid_session(tmp_path: Path) -> None:
+    from tests.hf_models import save
+    from tests.test_generation import prompt, reference_generate
+
+    directory = save("gpt2", tmp_path / "gpt2")
+    ids = prompt(batch=2)
+    expected = reference_generate(directory, "gpt2", ids, 12)
+    config = {"partition": {"default_strategy": "uniform"}}
+    with (
+        LocalCluster(f"hf:{directory}", workers=3, threads=1) as cluster,
+        Butterfly.connect(cluster.addresses, config=config) as b,
+    ):
+        middle = b.cluster().stages[1].address
+        victim = next(p for p in cluster.processes if p.address == middle)
+        steps = []
+        for tokens in b.stream(ids, max_new_tokens=12):
+            steps.append(tokens)
+            if len(steps) == 4:
+                victim.kill()  # the session's caches on that stage are gone with it
+        replays = b.metrics()["session_replays"]
+        stages = len(b.cluster().stages)
+    assert torch.equal(torch.cat([ids, torch.stack(steps, dim=1)], dim=1), expected)
+    assert stages == 2
+    assert replays >= 1  # the caches were rebuilt on the new placement from the kept tokens
