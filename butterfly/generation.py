@@ -15,6 +15,8 @@ on as if nothing happened (greedy output is the same). The model's first stage m
 from __future__ import annotations
 
 import itertools
+import logging
+import math
 from collections.abc import AsyncGenerator, Iterable
 
 import attrs
@@ -22,13 +24,16 @@ import numpy as np
 import torch
 import trio
 
+from .config import SchedulingConfig
 from .coordination import CoordinationService
-from .errors import ApiError, ModelError
+from .errors import ApiError, ButterflyError, ModelError, SchedulingError
 from .model.tensors import torch_from_wire
 from .protocol import EndSession, array_to_wire
 from .scheduling import SchedulingService, SessionState
 
-__all__ = ["SamplingParams", "check_token_ids", "next_tokens", "stream_tokens"]
+__all__ = ["GenerationService", "SamplingParams", "check_token_ids", "next_tokens"]
+
+log = logging.getLogger(__name__)
 
 _session_ids = itertools.count(1)
 
@@ -135,44 +140,166 @@ def next_tokens(
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
-async def stream_tokens(
-    scheduling: SchedulingService,
-    coordination: CoordinationService,
-    prompt: np.ndarray,
-    params: SamplingParams,
-    *,
-    timeout: float,
-) -> AsyncGenerator[np.ndarray, None]:
-    """Yield the next ``(batch,)`` tokens, step by step, until ``max_new_tokens`` or every row
-    stopped (rows that stopped repeat their stop token). Each step may take ``timeout`` s."""
-    session = SessionState(session_id=next(_session_ids), tokens=prompt)
-    generator = torch.Generator()
-    generator.manual_seed(
-        params.seed if params.seed is not None else int(np.random.randint(1 << 62))
-    )
-    finished = np.zeros(prompt.shape[0], dtype=bool)
-    last = np.zeros(prompt.shape[0], dtype=np.int64)
-    try:
-        for _ in range(params.max_new_tokens):
-            task = scheduling.submit_task(
-                array_to_wire(session.tokens), timeout=timeout, session=session
-            )
-            logits = torch_from_wire(await scheduling.wait(task))
-            if logits.ndim != 3 or logits.shape[0] != prompt.shape[0]:
-                raise ModelError(
-                    f"generation needs logits (batch, seq, vocab) from the last stage; got "
-                    f"shape {tuple(logits.shape)}"
+@attrs.define(eq=False)
+class _Member:
+    """One caller's generation inside a group: its rows, sampling, and where tokens go."""
+
+    prompt: np.ndarray
+    params: SamplingParams
+    timeout: float
+    out: trio.MemorySendChannel[np.ndarray | ButterflyError]
+    generator: torch.Generator = attrs.field(factory=torch.Generator)
+    rows: slice = slice(0)
+    steps: int = 0
+    #: False once the caller has all its tokens or stopped listening.
+    active: bool = True
+    finished: np.ndarray = attrs.field(init=False)
+    last: np.ndarray = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        seed = self.params.seed
+        self.generator.manual_seed(seed if seed is not None else int(np.random.randint(1 << 62)))
+        self.finished = np.zeros(self.prompt.shape[0], dtype=bool)
+        self.last = np.zeros(self.prompt.shape[0], dtype=np.int64)
+
+    def take(self, logits: torch.Tensor) -> np.ndarray:
+        """Choose this member's next tokens from its rows' last logits and hand them over."""
+        if not self.active:
+            return self.last  # rows of a member that is done idle on their last token
+        chosen = next_tokens(logits, self.params, self.generator).numpy()
+        chosen = np.where(self.finished, self.last, chosen)
+        self.last = chosen
+        self.finished |= np.isin(chosen, list(self.params.stop))
+        self.steps += 1
+        self.deliver(chosen)
+        if self.steps >= self.params.max_new_tokens or self.finished.all():
+            self.end()
+        return chosen
+
+    def deliver(self, item: np.ndarray | ButterflyError) -> None:
+        try:
+            self.out.send_nowait(item)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.active = False  # the caller stopped listening
+
+    def end(self) -> None:
+        self.active = False
+        self.out.close()
+
+
+@attrs.define(eq=False)
+class _Group:
+    """Generations that share one session in the pipeline: prompts of one length, rows stacked."""
+
+    length: int
+    members: list[_Member] = attrs.field(factory=list)
+    rows: int = 0
+    #: Still taking members (until its batching window ends).
+    open: bool = True
+
+
+class GenerationService:
+    """Runs generation sessions for the coordinator.
+
+    With micro-batching on (``scheduling.dispatch_batch_size`` > 1), generations whose
+    prompts have the same length and arrive within ``max_batch_wait_ms`` share one session
+    in the pipeline, their rows stacked (up to ``dispatch_batch_size`` rows): each step is
+    one request for all of them, and each caller samples its own rows with its own
+    settings. A caller that is done leaves its rows idle until the others are.
+    """
+
+    def __init__(
+        self,
+        scheduling: SchedulingService,
+        coordination: CoordinationService,
+        config: SchedulingConfig,
+    ) -> None:
+        self.scheduling = scheduling
+        self.coordination = coordination
+        self.config = config
+        self._open: dict[int, _Group] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def stream(
+        self, prompt: np.ndarray, params: SamplingParams, *, timeout: float
+    ) -> AsyncGenerator[np.ndarray, None]:
+        """Yield the next ``(batch,)`` tokens, step by step, until ``max_new_tokens`` or every
+        row stopped (rows that stopped repeat their stop token). Each step may take
+        ``timeout`` seconds."""
+        send, receive = trio.open_memory_channel[np.ndarray | ButterflyError](math.inf)
+        member = _Member(prompt, params, timeout, send)
+        self._join(member)
+        try:
+            async with receive:
+                async for item in receive:
+                    if isinstance(item, ButterflyError):
+                        raise item
+                    yield item
+        finally:
+            member.active = False
+
+    def _join(self, member: _Member) -> None:
+        length, rows = member.prompt.shape[1], member.prompt.shape[0]
+        limit = self.config.dispatch_batch_size
+        group = self._open.get(length)
+        if group is None or not group.open or group.rows + rows > limit:
+            group = self._open[length] = _Group(length)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._drive, group)
+        group.members.append(member)
+        group.rows += rows
+
+    async def _drive(self, group: _Group) -> None:
+        if self.config.dispatch_batch_size > 1:
+            await trio.sleep(self.config.max_batch_wait_ms / 1000)
+        group.open = False
+        if self._open.get(group.length) is group:
+            del self._open[group.length]
+        start = 0
+        for member in group.members:
+            member.rows = slice(start, start + member.prompt.shape[0])
+            start = member.rows.stop
+        session = SessionState(
+            session_id=next(_session_ids),
+            tokens=np.concatenate([m.prompt for m in group.members], axis=0),
+        )
+        timeout = max(m.timeout for m in group.members)
+        try:
+            while any(m.active for m in group.members):
+                task = self.scheduling.submit_task(
+                    array_to_wire(session.tokens), timeout=timeout, session=session
                 )
-            chosen = next_tokens(logits[:, -1], params, generator).numpy()
-            chosen = np.where(finished, last, chosen)
-            last = chosen
-            finished |= np.isin(chosen, list(params.stop))
-            session.tokens = np.concatenate([session.tokens, chosen[:, None]], axis=1)
-            yield chosen
-            if finished.all():
-                return
-    finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(1):
-            await coordination.send_all(
-                EndSession(session=session.session_id, origin=coordination.node_id)
-            )
+                logits = torch_from_wire(await self.scheduling.wait(task))
+                if logits.ndim != 3 or logits.shape[0] != session.tokens.shape[0]:
+                    raise ModelError(
+                        f"generation needs logits (batch, seq, vocab) from the last stage; "
+                        f"got shape {tuple(logits.shape)}"
+                    )
+                chosen = [m.take(logits[m.rows, -1]) for m in group.members]
+                session.tokens = np.concatenate(
+                    [session.tokens, np.concatenate(chosen)[:, None]], axis=1
+                )
+        except ButterflyError as exc:
+            for member in group.members:
+                if member.active:
+                    member.deliver(exc)
+        except Exception as exc:  # a bug must fail these generations, not the client
+            log.exception("generation session %d failed unexpectedly", session.session_id)
+            for member in group.members:
+                if member.active:
+                    member.deliver(
+                        SchedulingError(f"generation failed on an internal error: {exc!r}")
+                    )
+        finally:
+            for member in group.members:
+                member.out.close()
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await self.coordination.send_all(
+                    EndSession(session=session.session_id, origin=self.coordination.node_id)
+                )

@@ -21,7 +21,7 @@ from ._inputs import InputKind, check_input, check_timeout, from_wire, to_wire
 from .config import ButterflyConfig
 from .coordination import CoordinationService, Response
 from .errors import ApiError
-from .generation import SamplingParams, check_token_ids, stream_tokens
+from .generation import GenerationService, SamplingParams, check_token_ids
 from .metrics import MetricsService
 from .partition import PartitionService
 from .scheduling import InferenceTask, SchedulingService
@@ -60,6 +60,7 @@ class ButterflySystem:
             metrics=self.metrics,
             responses=receive,
         )
+        self.generation = GenerationService(self.scheduling, self.coordination, config.scheduling)
         self._stop = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -67,6 +68,7 @@ class ButterflySystem:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.metrics.run)
             await nursery.start(self.scheduling.run)
+            await nursery.start(self.generation.run)
             await nursery.start(self.coordination.run)
             task_status.started()
             await self._stop.wait()
@@ -131,12 +133,8 @@ class ButterflySystem:
             is_torch=isinstance(input_ids, torch.Tensor),
             device=input_ids.device if isinstance(input_ids, torch.Tensor) else None,
         )
-        tokens = stream_tokens(
-            self.scheduling,
-            self.coordination,
-            prompt,
-            params,
-            timeout=timeout or self.config.api.request_timeout,
+        tokens = self.generation.stream(
+            prompt, params, timeout=timeout or self.config.api.request_timeout
         )
         return tokens, kind
 

@@ -256,3 +256,32 @@ async def test_bad_generation_requests_are_api_errors_and_the_next_one_works(
             out = await b.generate(prompt(batch=1), max_new_tokens=2)
             assert out.shape == (1, 7)
         nursery.cancel_scope.cancel()
+
+
+async def test_concurrent_sessions_with_batching_on_share_one_session_in_the_pipeline(
+    saved: Callable[[str], Path],
+) -> None:
+    # Two callers, prompts of the same length, within the batching window: one session of
+    # 1 + 2 rows runs in the pipeline, one request per step for both. The reference is
+    # transformers' generate on the stacked prompts, row for row.
+    directory = saved("llama")
+    a, c = prompt(batch=1, seq=5, seed=5), prompt(batch=2, seq=5, seed=6)
+    expected = reference_generate(directory, "llama", torch.cat([a, c]), 6)
+    config = {**FAST, "scheduling": {"dispatch_batch_size": 8, "max_batch_wait_ms": 50.0}}
+    cluster = Cluster()
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery, directory)
+        async with AsyncButterfly.connect(["mem://w0"], transport=cluster.net, config=config) as b:
+            results: dict[int, torch.Tensor] = {}
+
+            async def run(i: int, x: torch.Tensor, new: int) -> None:
+                results[i] = await b.generate(x, max_new_tokens=new)
+
+            async with trio.open_nursery() as sessions:
+                sessions.start_soon(run, 0, a, 3)  # done early: its row idles
+                sessions.start_soon(run, 1, c, 6)
+            assert torch.equal(results[0], expected[:1, :8])
+            assert torch.equal(results[1], expected[1:])
+            assert b.metrics()["requests_completed"] == 6  # not 3 + 6
+        nursery.cancel_scope.cancel()
+        assert all(w.sessions.statistics()["sessions"] == 0 for w in cluster.workers)
