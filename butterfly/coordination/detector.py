@@ -52,23 +52,40 @@ class PhiAccrualDetector:
         self.min_std = min_std
         self.acceptable_pause = acceptable_pause
         self._intervals: collections.deque[float] = collections.deque(maxlen=window)
+        # Running sums, so phi is O(1) however long the window: it runs on the event loop.
+        self._sum = 0.0
+        self._sum_squares = 0.0
         # Like Akka: start from the expected interval ± a quarter, so one heartbeat suffices.
-        self._intervals.extend([first_interval * 0.75, first_interval * 1.25])
+        for interval in (first_interval * 0.75, first_interval * 1.25):
+            self._add(interval)
         self._last: float | None = None
+
+    def _add(self, interval: float) -> None:
+        if len(self._intervals) == self._intervals.maxlen:
+            old = self._intervals[0]
+            self._sum -= old
+            self._sum_squares -= old * old
+        self._intervals.append(interval)
+        self._sum += interval
+        self._sum_squares += interval * interval
 
     def heartbeat(self, now: float) -> None:
         if self._last is not None:
-            self._intervals.append(now - self._last)
+            self._add(now - self._last)
         self._last = now
+
+    def _distribution(self) -> tuple[float, float]:
+        """Mean (plus the acceptable pause) and deviation (at least the minimum) of the gaps."""
+        n = len(self._intervals)
+        mean = self._sum / n
+        std = math.sqrt(max(self._sum_squares / n - mean * mean, 0.0))
+        return mean + self.acceptable_pause, max(std, self.min_std)
 
     def phi(self, now: float) -> float:
         """Suspicion now; 0 before the first heartbeat."""
         if self._last is None:
             return 0.0
-        n = len(self._intervals)
-        mean = sum(self._intervals) / n
-        std = math.sqrt(sum((x - mean) ** 2 for x in self._intervals) / n)
-        return phi(max(now - self._last, 0.0), mean + self.acceptable_pause, max(std, self.min_std))
+        return phi(max(now - self._last, 0.0), *self._distribution())
 
     def suspects(self, now: float) -> bool:
         return self.phi(now) >= self.threshold
@@ -79,14 +96,20 @@ class PhiAccrualDetector:
 
         φ increases with the gap, so the crossing is found by bisection (to 1 µs).
         """
-        if self._last is None:
+        last = self._last
+        if last is None:
             return math.inf
-        if self.phi(now) >= self.threshold:
+        mean, std = self._distribution()
+
+        def crossed(t: float) -> bool:
+            return phi(max(t - last, 0.0), mean, std) >= self.threshold
+
+        if crossed(now):
             return 0.0
         low, high = now, now + 1.0
-        while self.phi(high) < self.threshold:
+        while not crossed(high):
             low, high = high, now + 2 * (high - now)
         while high - low > 1e-6:
             middle = (low + high) / 2
-            low, high = (low, middle) if self.phi(middle) >= self.threshold else (middle, high)
+            low, high = (low, middle) if crossed(middle) else (middle, high)
         return high - now
