@@ -10,15 +10,15 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
+    Generator,
     Iterable,
     Iterator,
     Sequence,
 )
-from contextlib import aclosing, asynccontextmanager
+from contextlib import aclosing, asynccontextmanager, closing
 from typing import Any, TypeVar
 
 import numpy as np
-import torch
 import trio
 
 from ._errors import collapse
@@ -186,48 +186,53 @@ class Butterfly:
         reproducible; rows end at a ``stop`` token (and then repeat it). ``timeout`` bounds
         each step. Each stage keeps the session's KV cache, so a step sends one token.
         """
-        parts = [check_token_ids(input_ids)]
-        for tokens in self.stream(
-            input_ids,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            stop=stop,
-            timeout=timeout,
-            _raw=True,
-        ):
-            parts.append(tokens[:, None])
-        kind = InputKind(
-            is_torch=isinstance(input_ids, torch.Tensor),
-            device=input_ids.device if isinstance(input_ids, torch.Tensor) else None,
-        )
+        sampling = {
+            "max_new_tokens": max_new_tokens,
+            "do_sample": do_sample,
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+            "seed": seed,
+            "stop": stop,
+        }
+        steps, kind = self._steps(input_ids, timeout, sampling)
+        parts = [check_token_ids(input_ids), *(step[:, None] for step in steps)]
         return tokens_as(np.concatenate(parts, axis=1), kind)
 
     def stream(
-        self, input_ids: Any, *, timeout: float | None = None, _raw: bool = False, **sampling: Any
+        self, input_ids: Any, *, timeout: float | None = None, **sampling: Any
     ) -> Iterator[Any]:
         """Like :meth:`generate`, but yield each step's ``(batch,)`` tokens as they come.
 
         Closing the iterator early ends the session (its caches are freed on the workers).
         """
-        refuse_inside_trio("Butterfly.stream")
+        steps, kind = self._steps(input_ids, timeout, sampling)
+        with closing(steps):
+            for step in steps:
+                yield tokens_as(step, kind)
+
+    def _steps(
+        self, input_ids: Any, timeout: float | None, sampling: dict[str, Any]
+    ) -> tuple[Generator[np.ndarray, None, None], InputKind]:
+        """Start a generation in the trio thread; its steps, pulled one call at a time."""
+        refuse_inside_trio("Butterfly.generate")
 
         async def start() -> tuple[AsyncGenerator[np.ndarray, None], InputKind]:
             return self._system.stream(input_ids, timeout=timeout, **sampling)
 
         tokens, kind = self._portal.call(start)
-        try:
-            while True:
-                try:
-                    step = self._portal.call(tokens.__anext__)
-                except StopAsyncIteration:
-                    return
-                yield step if _raw else tokens_as(step, kind)
-        finally:
-            self._portal.call(tokens.aclose)
+
+        def steps() -> Generator[np.ndarray, None, None]:
+            try:
+                while True:
+                    try:
+                        yield self._portal.call(tokens.__anext__)
+                    except StopAsyncIteration:
+                        return
+            finally:
+                self._portal.call(tokens.aclose)
+
+        return steps(), kind
 
     def cluster(self) -> ClusterInfo:
         """The workers (id, address, state) and the current placement."""

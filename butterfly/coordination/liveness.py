@@ -13,18 +13,28 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import trio
 
 from ..config import CoordinationConfig
 from ..protocol import Heartbeat
 from ..transport import Peer
+from ..types import PROBE_BYTES, Link
 from .detector import PhiAccrualDetector
 
-__all__ = ["new_detector", "watch_link"]
+__all__ = ["measure_link", "new_detector", "watch_link"]
 
 log = logging.getLogger(__name__)
+
+
+async def measure_link(ping: Callable[[int], Awaitable[float]]) -> Link:
+    """Latency and bandwidth of a link from timed probes: ``ping(n)`` is the round trip of a
+    probe that moves ``n`` bytes in the direction being measured. Three empty ones, then
+    two of :data:`PROBE_BYTES`."""
+    small = [await ping(0) for _ in range(3)]
+    bulk = [await ping(PROBE_BYTES) for _ in range(2)]
+    return Link.from_probes(small, bulk, PROBE_BYTES)
 
 
 def new_detector(

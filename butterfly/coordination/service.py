@@ -49,7 +49,6 @@ from ..protocol import (
 from ..transport import Peer, Transport, dial_peer
 from ..transport.retry import backoff_delays
 from ..types import (
-    PROBE_BYTES,
     ClusterInfo,
     LayerInfo,
     Link,
@@ -60,7 +59,7 @@ from ..types import (
     WorkerState,
 )
 from .detector import PhiAccrualDetector
-from .liveness import new_detector, watch_link
+from .liveness import measure_link, new_detector, watch_link
 from .phases import Phase, PhaseTracker
 
 __all__ = ["CoordinationService", "Placement", "WorkerLost"]
@@ -332,11 +331,9 @@ class CoordinationService:
         ``WorkerService._introduce``) and arrive in their Acks.
         """
         try:
-            small = [await self._ping(worker, peer) for _ in range(3)]
-            bulk = [await self._ping(worker, peer, bytes(PROBE_BYTES))]
+            return await measure_link(lambda n: self._ping(worker, peer, bytes(n)))
         except trio.TooSlowError:
             raise NetworkError(f"worker at {worker.address} did not answer a link probe") from None
-        return Link.from_probes(small, bulk, PROBE_BYTES)
 
     async def _receive_loop(self, worker: _Worker, peer: Peer) -> None:
         while True:

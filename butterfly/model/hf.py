@@ -34,6 +34,7 @@ the ``transformers`` block later).
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import functools
 import hashlib
@@ -197,16 +198,16 @@ def _positions(hidden: torch.Tensor) -> torch.Tensor:
 # -- the layers ------------------------------------------------------------------------------
 
 
-class _Layer(nn.Module):
+class _Layer(nn.Module, abc.ABC):
     """A Butterfly layer over ``transformers`` modules, with what the planner needs to know."""
 
+    @abc.abstractmethod
     def flops(self, tokens: int) -> float:
         """Floating-point operations for one sequence of ``tokens`` tokens."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def output_numel(self, tokens: int) -> int:
         """Elements of the output for one sequence of ``tokens`` tokens."""
-        raise NotImplementedError
 
 
 def _matmul_params(module: nn.Module) -> int:

@@ -8,6 +8,7 @@ import torch
 import trio
 from torch import nn
 
+from ..config import GenerationConfig
 from ..protocol import WireTensor
 from .sessions import SessionKey, SessionStore, stepping
 from .tensors import torch_from_wire, torch_to_wire
@@ -44,7 +45,7 @@ class StageRuntime:
         #: where a thread's real duration must not decide what happens next.
         self.in_thread = in_thread
         #: Where generation sessions keep their state between steps (see :mod:`.sessions`).
-        self.sessions = sessions or SessionStore(max_bytes=1 << 30, idle_s=300.0)
+        self.sessions = sessions or SessionStore.from_config(GenerationConfig())
 
     async def forward(
         self,

@@ -26,6 +26,7 @@ from typing import Any
 import attrs
 import torch
 
+from ..config import GenerationConfig
 from ..errors import CoordinationError
 
 __all__ = ["SessionKey", "SessionStore", "Step", "current_step", "stepping"]
@@ -104,6 +105,10 @@ class SessionStore:
         self._lock = threading.Lock()
         #: Sessions dropped for room or idleness (their next step replays).
         self.evicted = 0
+
+    @classmethod
+    def from_config(cls, config: GenerationConfig) -> SessionStore:
+        return cls(max_bytes=config.kv_cache_bytes, idle_s=config.session_idle_s)
 
     def begin(self, key: SessionKey, position: int, tokens: int) -> Step:
         """The state for a step of ``tokens`` tokens at ``position``; a step at 0 starts afresh.

@@ -422,7 +422,6 @@ class SchedulingService:
         if session is not None:
             position = session.cached if session.epoch == batch.placement.epoch else 0
             if position == 0 and session.started:
-                session.replays += 1
                 self.metrics.emit(SessionReplayed(session.session_id, session.tokens.shape[1]))
             session.started = True
             tokens = np.ascontiguousarray(session.tokens[:, position:])

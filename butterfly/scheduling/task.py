@@ -44,8 +44,7 @@ class SessionState:
     #: Placement epoch whose stages cache the first ``cached`` tokens (0: nothing cached).
     epoch: int = 0
     cached: int = 0
-    #: Steps that had to replay the whole sequence (a failure, eviction or new placement).
-    replays: int = 0
+    #: A step was sent before: sending from position 0 again is a replay.
     started: bool = False
 
 

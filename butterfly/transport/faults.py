@@ -71,7 +71,12 @@ class FaultyNetwork(MemoryNetwork):
         buffer: int = 16,
     ) -> None:
         super().__init__(max_message_size=max_message_size, buffer=buffer)
-        for name, p in {"drop": drop, "duplicate": duplicate, "reorder": reorder, "delay": delay}.items():
+        for name, p in {
+            "drop": drop,
+            "duplicate": duplicate,
+            "reorder": reorder,
+            "delay": delay,
+        }.items():
             if not 0.0 <= p <= 1.0:
                 raise ConfigError(f"{name} probability {p!r} is not in [0, 1]")
         if drop + duplicate + reorder + delay > 1.0:

@@ -28,7 +28,7 @@ import trio
 from .._errors import unwrap_groups
 from ..config import ButterflyConfig
 from ..coordination.detector import PhiAccrualDetector
-from ..coordination.liveness import new_detector, watch_link
+from ..coordination.liveness import measure_link, new_detector, watch_link
 from ..errors import ButterflyError, ComputeError, CoordinationError, NetworkError, error_kind
 from ..model import ModelInfo, ModelSource, StageRuntime
 from ..model.profile import available_memory
@@ -52,7 +52,7 @@ from ..protocol import (
     StageSpec,
 )
 from ..transport import Connection, Peer, Transport, dial_peer, open_peer
-from ..types import PROBE_BYTES, Link
+from ..types import PROBE_BYTES
 
 __all__ = ["WorkerService"]
 
@@ -127,9 +127,8 @@ class WorkerService:
         self._assign_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self._in_flight = trio.Semaphore(4 * self.config.scheduling.max_in_flight)
-        gen = self.config.generation
         #: State generation sessions keep on this worker's stages (KV caches).
-        self.sessions = SessionStore(max_bytes=gen.kv_cache_bytes, idle_s=gen.session_idle_s)
+        self.sessions = SessionStore.from_config(self.config.generation)
         #: Stage computations done, and requests dropped because they were cancelled.
         self.computed = 0
         self.dropped = 0
@@ -146,9 +145,7 @@ class WorkerService:
             self._nursery = nursery
             bound = await nursery.start(self.transport.serve, self.listen, self._handle_connection)
             self.address = self.advertise or bound
-            for address in self.peers:
-                nursery.start_soon(self._announce, address)
-            self._announced.update(self.peers)
+            self._learn_peers(tuple(self.peers))  # introduce ourselves to the --peers
             task_status.started(self.address)
 
     async def _off_loop(self, fn: Callable[..., T], *args: object) -> T:
@@ -314,9 +311,7 @@ class WorkerService:
             # Activations from that worker to us would travel on a connection we dialled,
             # sent by it as the server: measure that direction (its replies to our probes).
             with trio.move_on_after(net.connect_timeout):
-                small = [await self._probe(peer, 0) for _ in range(3)]
-                bulk = [await self._probe(peer, PROBE_BYTES) for _ in range(2)]
-                link = Link.from_probes(small, bulk, PROBE_BYTES)
+                link = await measure_link(functools.partial(self._probe, peer))
                 source = hello.address or address
                 self._links_in[source] = LinkReport(
                     source, link.bandwidth_bytes_per_s, link.latency_s
