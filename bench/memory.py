@@ -8,7 +8,8 @@ float32) is served by ``--workers`` worker processes whose ``--max-memory`` is 4
 model's weight bytes, so none could hold it alone. After a forward and a short greedy
 generation, each worker's peak resident memory (VmHWM) is compared with the weight bytes
 of the layers it holds: the target is weights + 300 MiB (issue 5). For scale, the report
-also gives a bare Python process that imports torch and transformers.
+also gives a bare Python process that imports torch and butterfly (workers never import
+transformers).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def status(pid: int, field: str) -> int:
 
 def bare_import_rss() -> int:
     code = (
-        "import torch, transformers, butterfly.worker.service, pathlib\n"
+        "import torch, butterfly.worker.service, pathlib\n"
         "print([l for l in pathlib.Path('/proc/self/status').read_text().splitlines()"
         " if l.startswith('VmHWM')][0].split()[1])"
     )
@@ -86,7 +87,7 @@ def run(hidden: int, layers: int, vocab: int, workers: int) -> dict[str, Any]:
                 extra_args=["--max-memory", str(budget)],
             ) as cluster,
         ):
-            # Ready, before any weight is loaded: Python, torch, transformers and the model's
+            # Ready, before any weight is loaded: Python, torch, butterfly and the model
             # code, its description (digests streamed layer by layer) and the listener.
             ready = {p.node_id: status(p.pid, "VmRSS") for p in cluster.processes}
             b = Butterfly.connect(cluster.addresses)
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         f"model {report['model_bytes'] / MiB:.0f} MiB of weights; --max-memory "
         f"{report['max_memory'] / MiB:.0f} MiB per worker; stages {report['stages']}"
     )
-    print(f"bare python + torch + transformers: {report['bare_import_rss'] / MiB:.0f} MiB peak RSS")
+    print(f"bare python + torch + butterfly: {report['bare_import_rss'] / MiB:.0f} MiB peak RSS")
     worst = 0.0
     for w in report["workers"]:
         over = w["peak_rss"] - w["weights"]

@@ -1,10 +1,10 @@
 """Generate text tokens with a Hugging Face decoder split over three local worker processes.
 
-    pip install 'butterfly-inference[hf]'
     python examples/generate.py [MODEL_DIR]
 
-MODEL_DIR is a transformers model directory (config.json + *.safetensors), read offline.
-Without one, a small Llama with random weights is saved to a temporary directory, so the
+MODEL_DIR is a Hugging Face model directory (config.json + *.safetensors), read offline.
+Without one, a small Llama with random weights is saved to a temporary directory with
+``transformers`` (installed with the test extra; workers themselves never need it), so the
 tokens are meaningless but the mechanics are real: each worker reads only its layers,
 keeps the session's KV cache, and the greedy tokens equal transformers' own ``generate``.
 """

@@ -1,10 +1,11 @@
-"""Hugging Face ``transformers`` models as Butterfly layers, read offline from a local directory.
+"""Hugging Face models as Butterfly layers, read offline from a local directory.
 
 A model named ``hf:/path/to/dir`` is a directory with ``config.json`` and ``*.safetensors``
-(what ``save_pretrained(..., safe_serialization=True)`` writes). Nothing is fetched from a
-hub: the environment is set offline and every ``from_pretrained`` is ``local_files_only``.
-Supported families (``config.json``'s ``model_type``): ``gpt2`` and ``llama`` decoders,
-``bert`` encoders.
+(what ``save_pretrained(..., safe_serialization=True)`` writes). Nothing is fetched from
+anywhere, and ``transformers`` is not needed: ``config.json`` is read by
+:mod:`butterfly.model.architecture` and the blocks are :mod:`butterfly.model.blocks`, which
+compute what ``transformers``' own modules compute. Supported families (``config.json``'s
+``model_type``): ``gpt2`` and ``llama`` decoders, ``bert`` encoders.
 
 Layers (each takes one tensor and returns one tensor)::
 
@@ -22,42 +23,47 @@ layers the mask travels with the activations as one extra channel: a *packed* te
 ``transformers`` forward without ``position_ids``: pad on the right.
 
 *Partial loading.* The whole architecture is built on the ``meta`` device (no memory);
-only the tensors of the requested layers are read from the memory-mapped safetensors
-files and cast to the configured dtype (float32, float16 or bfloat16). ``describe()``
-hashes every layer's tensors chunk by chunk and drops them; profiles are computed from
-tensor sizes and a FLOP estimate, never by running the model.
+only the tensors of the requested layers are read from the safetensors files and cast to
+the configured dtype (float32, float16 or bfloat16). ``describe()`` hashes every layer's
+tensors chunk by chunk and drops them; profiles are computed from tensor sizes and a FLOP
+estimate, never by running the model.
 
-Decoders run the causal forward over the whole sequence; there is no KV cache yet
-(:class:`DecoderBlock` keeps its ``layer_idx`` so that a per-stage cache can be passed to
-the ``transformers`` block later).
+*Generation.* Inside a session step (:func:`~butterfly.model.sessions.current_step`),
+decoder blocks keep their keys and values in the stage's :class:`~butterfly.model.blocks.KVCache`.
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
-import functools
 import hashlib
-import importlib
-import inspect
 import io
 import json
-import os
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm  # type: ignore[import-untyped,unused-ignore]
 
 from ..errors import ModelError
 from ..protocol import InputSpec, LayerProfile
+from .architecture import Architecture, parse_architecture
+from .blocks import (
+    BertBlock,
+    BertEmbeddings,
+    GPT2Block,
+    KVCache,
+    LlamaBlock,
+    RMSNorm,
+    embedding,
+)
 from .fingerprint import model_fingerprint
 from .loading import ModelInfo
 from .sessions import Step, current_step
@@ -80,7 +86,7 @@ __all__ = [
     "unpack_hidden",
 ]
 
-#: Model names with this prefix are ``transformers`` model directories.
+#: Model names with this prefix are Hugging Face model directories.
 HF_PREFIX = "hf:"
 SUPPORTED_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -90,65 +96,11 @@ SUPPORTED_DTYPES: dict[str, torch.dtype] = {
 #: Sequence length of the representative request the profiles describe.
 PROFILE_TOKENS = 128
 #: The largest piece of one tensor that ``describe()`` holds while hashing it.
-DIGEST_CHUNK_BYTES = 64 << 20
+DIGEST_CHUNK_BYTES = 16 << 20
 #: ``config.json`` keys that name where or with what a model was saved, not what it computes.
 _PROVENANCE_KEYS = ("_name_or_path", "transformers_version")
 #: FLOP rate assumed when the device cannot be measured (1 GFLOP/s, as in ``profile.py``).
 _FALLBACK_FLOPS_PER_MS = 1e6
-
-
-def _transformers() -> ModuleType:
-    """Import ``transformers`` offline; a ``ModelError`` naming the extra when it is missing."""
-    # huggingface_hub reads these when first imported; ``local_files_only=True`` on every
-    # call below is what guarantees that no hub is contacted even if it was imported before.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:
-        return importlib.import_module("transformers")
-    except ImportError as exc:
-        raise ModelError(
-            "hf: models need the 'transformers' package, which is not installed: "
-            "pip install 'butterfly-inference[hf]'"
-        ) from exc
-
-
-def _attention_mask(
-    function: str,
-    config: Any,
-    hidden: torch.Tensor,
-    mask: torch.Tensor | None,
-    positions: torch.Tensor,
-) -> Any:
-    """What transformers' own forward hands its blocks: ``masking_utils.<function>`` of the 2-D mask.
-
-    Its parameters were renamed across 5.x releases (``input_embeds`` → ``inputs_embeds``,
-    ``past_key_values`` → ``cache``, ``cache_position`` dropped); each is passed under the
-    name this release uses.
-    """
-    _transformers()
-    make = getattr(importlib.import_module("transformers.masking_utils"), function)
-    offered = {
-        "config": config,
-        "inputs_embeds": hidden,
-        "input_embeds": hidden,
-        "attention_mask": mask,
-        "position_ids": positions,
-        "cache_position": positions[0],
-        "cache": None,
-        "past_key_values": None,
-    }
-    accepted = _parameters(make)
-    return make(**{name: value for name, value in offered.items() if name in accepted})
-
-
-@functools.cache
-def _parameters(function: Callable[..., Any]) -> frozenset[str]:
-    return frozenset(inspect.signature(function).parameters)
-
-
-def _cache_parameter(forward: Callable[..., Any]) -> str:
-    """A block's KV cache argument: ``past_key_values`` was renamed ``cache`` during 5.x."""
-    return "cache" if "cache" in _parameters(forward) else "past_key_values"
 
 
 # -- the tensor that travels between layers ------------------------------------------------
@@ -162,8 +114,8 @@ def pack_hidden(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def unpack_hidden(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The states (contiguous) and the boolean mask of a packed tensor; ``None`` when nothing is padded.
 
-    ``None`` is what the ``transformers`` forward sees for an unpadded batch, and it keeps
-    the attention kernels on their mask-free (causal) path.
+    ``None`` keeps the attention kernels on their mask-free (causal) path, as in the
+    ``transformers`` forward of an unpadded batch.
     """
     if packed.ndim != 3 or packed.shape[-1] < 2:
         raise ValueError(
@@ -182,12 +134,6 @@ def _token_ids(ids: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tens
     return torch.where(mask, ids, torch.full_like(ids, pad_id)), mask
 
 
-def _hidden_of(output: Any) -> torch.Tensor:
-    """A block's hidden states: some blocks of transformers 5.0 (GPT-2's) return a 1-tuple."""
-    hidden: torch.Tensor = output[0] if isinstance(output, tuple) else output
-    return hidden
-
-
 def _positions(hidden: torch.Tensor) -> torch.Tensor:
     """Positions of the tokens in ``hidden``: from 0, or from the session step's position."""
     step = current_step()
@@ -199,7 +145,7 @@ def _positions(hidden: torch.Tensor) -> torch.Tensor:
 
 
 class _Layer(nn.Module, abc.ABC):
-    """A Butterfly layer over ``transformers`` modules, with what the planner needs to know."""
+    """A Butterfly layer of a Hugging Face model, with what the planner needs to know."""
 
     @abc.abstractmethod
     def flops(self, tokens: int) -> float:
@@ -214,16 +160,22 @@ def _matmul_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.ndim >= 2)
 
 
+def _block_flops(block: nn.Module, arch: Architecture, tokens: int) -> float:
+    """Projections and MLP (2 per weight per token), plus the attention scores and sums."""
+    width = arch.num_heads * arch.head_dim
+    return float(2 * tokens * _matmul_params(block) + 4 * tokens * tokens * width)
+
+
 class TokenEmbedding(_Layer):
     """Decoder layer 0: token (plus learned position) embeddings, packed with the padding mask."""
 
-    def __init__(
-        self, tokens: nn.Embedding, positions: nn.Embedding | None, *, pad_id: int
-    ) -> None:
+    def __init__(self, arch: Architecture, *, learned_positions: bool) -> None:
         super().__init__()
-        self.tokens = tokens
-        self.positions = positions
-        self.pad_id = pad_id
+        self.tokens = embedding(arch.vocab_size, arch.hidden_size)
+        self.positions = (
+            embedding(arch.max_positions, arch.hidden_size) if learned_positions else None
+        )
+        self.pad_id = arch.pad_id
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         ids, mask = _token_ids(ids, self.pad_id)
@@ -240,17 +192,17 @@ class TokenEmbedding(_Layer):
 
 
 class EncoderEmbedding(_Layer):
-    """Encoder layer 0: the model's own embeddings module (words, positions, token types, norm)."""
+    """Encoder layer 0: BERT's embeddings (words, positions, token type, norm), packed."""
 
-    def __init__(self, embeddings: nn.Module, *, hidden_size: int, pad_id: int) -> None:
+    def __init__(self, arch: Architecture) -> None:
         super().__init__()
-        self.embeddings = embeddings
-        self.hidden_size = hidden_size
-        self.pad_id = pad_id
+        self.embeddings = BertEmbeddings(arch)
+        self.hidden_size = arch.hidden_size
+        self.pad_id = arch.pad_id
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         ids, mask = _token_ids(ids, self.pad_id)
-        return pack_hidden(self.embeddings(input_ids=ids), mask)
+        return pack_hidden(self.embeddings(ids), mask)
 
     def flops(self, tokens: int) -> float:
         return float(8 * tokens * self.hidden_size)
@@ -260,54 +212,35 @@ class EncoderEmbedding(_Layer):
 
 
 class DecoderBlock(_Layer):
-    """One causal ``transformers`` decoder block on packed hidden states.
+    """One causal decoder block (GPT-2 or Llama) on packed hidden states.
 
-    ``rotary`` (Llama) computes the position embeddings that the model would compute once
-    and hand to every block; each block recomputes them (a few ``seq × head_dim`` ops), so
-    that any range of blocks can run alone.
+    Outside a generation session it runs over the whole sequence, padding masked out of
+    attention. In a session (:func:`~butterfly.model.sessions.current_step`), keys and
+    values of earlier steps come from the stage's :class:`KVCache` in ``step.state``,
+    shared by the stage's blocks, and this step's are added to it.
     """
 
-    def __init__(
-        self, block: nn.Module, config: Any, *, layer_idx: int, rotary: nn.Module | None = None
-    ) -> None:
+    def __init__(self, block: GPT2Block | LlamaBlock, arch: Architecture) -> None:
         super().__init__()
         self.block = block
-        self.config = config
-        self.layer_idx = layer_idx
-        self.rotary = rotary
+        self.arch = arch
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
         hidden, mask = unpack_hidden(packed)
         step = current_step()
         if step is None:
-            out = self.attend(hidden, mask, _positions(hidden))
+            out = self.block(hidden, _causal_mask(mask), _positions(hidden), None)
         else:
-            out = self.attend_cached(hidden, mask, step)
+            out = self.block(
+                hidden, None, _positions(hidden), self._session_cache(hidden, mask, step)
+            )
         return torch.cat((out, packed[..., -1:]), dim=-1)
 
-    def attend(
-        self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor
-    ) -> torch.Tensor:
-        """The block on unpacked states of a whole sequence (no cache)."""
-        causal = _attention_mask("create_causal_mask", self.config, hidden, mask, positions)
-        extra: dict[str, Any] = {}
-        if self.rotary is not None:
-            extra["position_embeddings"] = self.rotary(hidden, position_ids=positions)
-        return _hidden_of(
-            self.block(hidden, attention_mask=causal, position_ids=positions, **extra)
-        )
-
-    def attend_cached(
-        self, hidden: torch.Tensor, mask: torch.Tensor | None, step: Step
-    ) -> torch.Tensor:
-        """One step of a generation session: keys and values of earlier steps come from the
-        stage's cache in ``step.state`` (one ``DynamicCache`` shared by the stage's blocks),
-        and this step's are added to it.
-
-        A session's batch is unpadded, and a step either starts the sequence (any length:
-        causal attention) or adds one token (it attends to everything before it), so no
-        mask tensor is needed: the attention kernel's causal flag covers both.
-        """
+    @staticmethod
+    def _session_cache(hidden: torch.Tensor, mask: torch.Tensor | None, step: Step) -> KVCache:
+        """The session's cache. A session's batch is unpadded, and a step either starts the
+        sequence (any length: causal attention) or adds one token (it attends to everything
+        before it), so the attention kernel's causal flag is the only mask needed."""
         tokens = hidden.shape[1]
         if mask is not None:
             raise ValueError("generation takes unpadded batches: every row the same length")
@@ -317,54 +250,54 @@ class DecoderBlock(_Layer):
             )
         cache = step.state.get("kv")
         if cache is None:
-            cache = step.state["kv"] = _transformers().DynamicCache(config=self.config)
-        positions = _positions(hidden)
-        extra: dict[str, Any] = {_cache_parameter(type(self.block).forward): cache}
-        if self.rotary is not None:
-            extra["position_embeddings"] = self.rotary(hidden, position_ids=positions)
-        return _hidden_of(
-            self.block(hidden, attention_mask=None, position_ids=positions, use_cache=True, **extra)
-        )
+            cache = step.state["kv"] = KVCache()
+        assert isinstance(cache, KVCache)
+        return cache
 
     def flops(self, tokens: int) -> float:
-        width = self.config.num_attention_heads * _head_dim(self.config)
-        return float(2 * tokens * _matmul_params(self.block) + 4 * tokens * tokens * width)
+        return _block_flops(self.block, self.arch, tokens)
 
     def output_numel(self, tokens: int) -> int:
-        return tokens * (int(self.config.hidden_size) + 1)
+        return tokens * (self.arch.hidden_size + 1)
+
+
+def _causal_mask(padding: torch.Tensor | None) -> torch.Tensor | None:
+    """``(batch, 1, seq, seq)``: a token attends to earlier real tokens; ``None`` without padding."""
+    if padding is None:
+        return None
+    seq = padding.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=padding.device).tril()
+    return causal[None, None] & padding[:, None, None, :]
 
 
 class EncoderBlock(_Layer):
-    """One bidirectional ``transformers`` encoder block on packed hidden states."""
+    """One bidirectional encoder block (BERT) on packed hidden states."""
 
-    def __init__(self, block: nn.Module, config: Any) -> None:
+    def __init__(self, block: BertBlock, arch: Architecture) -> None:
         super().__init__()
         self.block = block
-        self.config = config
+        self.arch = arch
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
         hidden, mask = unpack_hidden(packed)
-        attention = _attention_mask(
-            "create_bidirectional_mask", self.config, hidden, mask, _positions(hidden)
-        )
-        out = _hidden_of(self.block(hidden, attention))
-        return torch.cat((out, packed[..., -1:]), dim=-1)
+        seq = hidden.shape[1]
+        attend = None if mask is None else mask[:, None, None, :].expand(-1, 1, seq, seq)
+        return torch.cat((self.block(hidden, attend), packed[..., -1:]), dim=-1)
 
     def flops(self, tokens: int) -> float:
-        width = self.config.num_attention_heads * _head_dim(self.config)
-        return float(2 * tokens * _matmul_params(self.block) + 4 * tokens * tokens * width)
+        return _block_flops(self.block, self.arch, tokens)
 
     def output_numel(self, tokens: int) -> int:
-        return tokens * (int(self.config.hidden_size) + 1)
+        return tokens * (self.arch.hidden_size + 1)
 
 
 class LanguageModelHead(_Layer):
     """Decoder last layer: final norm and LM head; logits for every position ``(batch, seq, vocab)``."""
 
-    def __init__(self, norm: nn.Module, head: nn.Linear) -> None:
+    def __init__(self, norm: nn.Module, arch: Architecture) -> None:
         super().__init__()
         self.norm = norm
-        self.head = head
+        self.head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
         hidden, _ = unpack_hidden(packed)
@@ -406,20 +339,15 @@ class MeanPooling(_Layer):
         return self.hidden_size
 
 
-def _head_dim(config: Any) -> int:
-    head_dim = getattr(config, "head_dim", None)
-    return int(head_dim or config.hidden_size // config.num_attention_heads)
-
-
 # -- model families ---------------------------------------------------------------------------
 
 
 @attrs.frozen
 class _LayerPlan:
-    """One layer on the meta device, and where its submodules live in the full model.
+    """One layer on the meta device, and where its submodules' tensors are in the checkpoint.
 
-    ``sources`` maps a submodule name of ``layer`` to its path in the ``transformers``
-    model: ``{"block": "transformer.h.3"}`` makes ``block.ln_1.weight`` the model's
+    ``sources`` maps a submodule name of ``layer`` to its prefix in the checkpoint:
+    ``{"block": "transformer.h.3"}`` makes ``block.ln_1.weight`` the checkpoint's
     ``transformer.h.3.ln_1.weight``.
     """
 
@@ -437,81 +365,64 @@ class _LayerPlan:
 
 @attrs.frozen
 class _Family:
-    model_type: str
-    #: The ``transformers`` class whose (meta) instance holds every module.
-    model_class: str
     #: Prefix of the base model's keys in checkpoints of its task models (``bert.``, ``model.``).
     base_prefix: str
-    layers: Callable[[Any, int], list[_LayerPlan]]
+    layers: Callable[[Architecture], list[_LayerPlan]]
+    #: The LM head's key, and the embedding it is read from when the weights are tied.
+    tied_head: tuple[str, str] | None = None
     encoder: bool = False
-    build_kwargs: dict[str, Any] = attrs.field(factory=dict)
 
 
-def _gpt2_layers(model: Any, pad_id: int) -> list[_LayerPlan]:
-    t = model.transformer
+def _gpt2_layers(arch: Architecture) -> list[_LayerPlan]:
     return [
         _LayerPlan(
-            TokenEmbedding(t.wte, t.wpe, pad_id=pad_id),
+            TokenEmbedding(arch, learned_positions=True),
             {"tokens": "transformer.wte", "positions": "transformer.wpe"},
         ),
         *(
-            _LayerPlan(
-                DecoderBlock(block, model.config, layer_idx=i), {"block": f"transformer.h.{i}"}
-            )
-            for i, block in enumerate(t.h)
+            _LayerPlan(DecoderBlock(GPT2Block(arch, i), arch), {"block": f"transformer.h.{i}"})
+            for i in range(arch.num_layers)
         ),
         _LayerPlan(
-            LanguageModelHead(t.ln_f, model.lm_head),
+            LanguageModelHead(nn.LayerNorm(arch.hidden_size, eps=arch.norm_eps), arch),
             {"norm": "transformer.ln_f", "head": "lm_head"},
         ),
     ]
 
 
-def _llama_layers(model: Any, pad_id: int) -> list[_LayerPlan]:
-    m = model.model
+def _llama_layers(arch: Architecture) -> list[_LayerPlan]:
     return [
-        _LayerPlan(
-            TokenEmbedding(m.embed_tokens, None, pad_id=pad_id), {"tokens": "model.embed_tokens"}
-        ),
+        _LayerPlan(TokenEmbedding(arch, learned_positions=False), {"tokens": "model.embed_tokens"}),
         *(
-            _LayerPlan(
-                DecoderBlock(block, model.config, layer_idx=i, rotary=m.rotary_emb),
-                {"block": f"model.layers.{i}", "rotary": "model.rotary_emb"},
-            )
-            for i, block in enumerate(m.layers)
+            _LayerPlan(DecoderBlock(LlamaBlock(arch, i), arch), {"block": f"model.layers.{i}"})
+            for i in range(arch.num_layers)
         ),
         _LayerPlan(
-            LanguageModelHead(m.norm, model.lm_head), {"norm": "model.norm", "head": "lm_head"}
+            LanguageModelHead(RMSNorm(arch.hidden_size, arch.norm_eps), arch),
+            {"norm": "model.norm", "head": "lm_head"},
         ),
     ]
 
 
-def _bert_layers(model: Any, pad_id: int) -> list[_LayerPlan]:
-    hidden = model.config.hidden_size
+def _bert_layers(arch: Architecture) -> list[_LayerPlan]:
     return [
-        _LayerPlan(
-            EncoderEmbedding(model.embeddings, hidden_size=hidden, pad_id=pad_id),
-            {"embeddings": "embeddings"},
-        ),
+        _LayerPlan(EncoderEmbedding(arch), {"embeddings": "embeddings"}),
         *(
-            _LayerPlan(EncoderBlock(block, model.config), {"block": f"encoder.layer.{i}"})
-            for i, block in enumerate(model.encoder.layer)
+            _LayerPlan(EncoderBlock(BertBlock(arch), arch), {"block": f"encoder.layer.{i}"})
+            for i in range(arch.num_layers)
         ),
-        _LayerPlan(MeanPooling(hidden), {}),
+        _LayerPlan(MeanPooling(arch.hidden_size), {}),
     ]
 
 
 FAMILIES: dict[str, _Family] = {
-    "gpt2": _Family("gpt2", "GPT2LMHeadModel", "transformer", _gpt2_layers),
-    "llama": _Family("llama", "LlamaForCausalLM", "model", _llama_layers),
-    "bert": _Family(
-        "bert",
-        "BertModel",
-        "bert",
-        _bert_layers,
-        encoder=True,
-        build_kwargs={"add_pooling_layer": False},
+    "gpt2": _Family(
+        "transformer", _gpt2_layers, tied_head=("lm_head.weight", "transformer.wte.weight")
     ),
+    "llama": _Family(
+        "model", _llama_layers, tied_head=("lm_head.weight", "model.embed_tokens.weight")
+    ),
+    "bert": _Family("bert", _bert_layers, encoder=True),
 }
 
 
@@ -727,7 +638,7 @@ def parse_hf_name(name: str) -> Path:
 
 @attrs.define
 class HuggingFaceModel:
-    """A ``transformers`` model directory as a list of Butterfly layers.
+    """A Hugging Face model directory as a list of Butterfly layers.
 
     >>> model = HuggingFaceModel("hf:/models/gpt2", dtype=torch.float16)   # doctest: +SKIP
     >>> model.describe().num_layers                                        # doctest: +SKIP
@@ -741,7 +652,7 @@ class HuggingFaceModel:
     #: Compute per-layer profiles in ``describe()`` (analytic; no forward pass).
     profile: bool = True
     directory: Path = attrs.field(init=False)
-    _config: Any = attrs.field(init=False, default=None)
+    _config: Architecture | None = attrs.field(init=False, default=None)
     _config_bytes: bytes = attrs.field(init=False, default=b"")
     _family: _Family | None = attrs.field(init=False, default=None)
     _checkpoint: _Checkpoint | None = attrs.field(init=False, default=None)
@@ -772,10 +683,10 @@ class HuggingFaceModel:
 
     # -- configuration -----------------------------------------------------------------
 
-    def _family_of(self) -> _Family:
-        """The family that ``config.json`` names (no transformers import yet)."""
-        if self._family is not None:
-            return self._family
+    def _load_config(self) -> tuple[Architecture, _Family]:
+        """What ``config.json`` says the model computes, and its family."""
+        if self._config is not None and self._family is not None:
+            return self._config, self._family
         path = self.directory / "config.json"
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
@@ -790,31 +701,13 @@ class HuggingFaceModel:
                 f"model {self.name!r} has model_type {model_type!r} in config.json; "
                 f"supported: {', '.join(sorted(FAMILIES))}"
             )
+        arch = parse_architecture(raw, f"model {self.name!r}: config.json")
         if family.encoder:
             self._check_pooling()
         canonical = {k: v for k, v in raw.items() if k not in _PROVENANCE_KEYS}
         self._config_bytes = json.dumps(canonical, sort_keys=True).encode()
-        self._family = family
-        return family
-
-    def _load_config(self) -> tuple[Any, _Family]:
-        family = self._family_of()
-        if self._config is not None:
-            return self._config, family
-        transformers = _transformers()
-        try:
-            config = transformers.AutoConfig.from_pretrained(
-                str(self.directory), local_files_only=True
-            )
-        except Exception as exc:
-            raise ModelError(
-                f"transformers cannot read {str(self.directory / 'config.json')!r}: {exc}"
-            ) from exc
-        # One attention implementation on every worker and in every test: sdpa is what
-        # transformers picks by default on CPU and CUDA.
-        config._attn_implementation = "sdpa"
-        self._config = config
-        return config, family
+        self._config, self._family = arch, family
+        return arch, family
 
     def _check_pooling(self) -> None:
         """A sentence-transformers directory must ask for what :class:`MeanPooling` does."""
@@ -854,27 +747,17 @@ class HuggingFaceModel:
         """What has been read from the safetensors files (for tests and memory accounting)."""
         return self._reader_source().statistics()
 
-    def _plans(self) -> tuple[Any, list[_LayerPlan]]:
-        """The whole model on the meta device, cut into layers."""
-        config, family = self._load_config()
-        transformers = _transformers()
-        try:
-            model_class = getattr(transformers, family.model_class)
-            with torch.device("meta"):
-                model = model_class(config, **family.build_kwargs)
-        except Exception as exc:
-            raise ModelError(
-                f"transformers cannot build {family.model_class} from {str(self.directory)!r}: {exc}"
-            ) from exc
-        pad = getattr(config, "pad_token_id", None)
-        pad_id = pad if isinstance(pad, int) and 0 <= pad < config.vocab_size else 0
-        return model, family.layers(model, pad_id)
+    def _plans(self) -> list[_LayerPlan]:
+        """The whole model's layers on the meta device (no memory)."""
+        arch, family = self._load_config()
+        with torch.device("meta"):
+            return family.layers(arch)
 
-    def _checkpoint_keys(self, model: Any, plan: _LayerPlan) -> dict[str, str]:
+    def _checkpoint_keys(self, plan: _LayerPlan) -> dict[str, str]:
         """Layer state-dict name → checkpoint key; ``ModelError`` naming a tensor that is missing."""
-        family = self._family_of()
+        arch, family = self._load_config()
         checkpoint = self._reader_source()
-        tied: dict[str, str] = dict(getattr(model, "all_tied_weights_keys", None) or {})
+        tied = dict([family.tied_head]) if family.tied_head and arch.tie_word_embeddings else {}
         prefix = family.base_prefix + "."
         state = plan.layer.state_dict(keep_vars=True)
         keys = {}
@@ -907,15 +790,14 @@ class HuggingFaceModel:
         """Layer count, per-layer digests (streamed from the files), input spec, analytic profiles."""
         if self._info is not None:
             return self._info
-        self._family_of()
         checkpoint = self._reader_source()
-        model, plans = self._plans()
+        plans = self._plans()
         digests = []
         for plan in plans:
             # Files are opened per layer: their mapped pages leave this process's RSS as
             # soon as the layer is hashed.
             with checkpoint.reading() as reader:
-                keys = self._checkpoint_keys(model, plan)
+                keys = self._checkpoint_keys(plan)
                 entries = (
                     (
                         name,
@@ -934,7 +816,7 @@ class HuggingFaceModel:
             fingerprint=model_fingerprint(digests),
             layer_digests=tuple(digests),
             input_spec=InputSpec(dtype="int64", min_ndim=2, max_ndim=2),
-            profiles=tuple(self._profiles(model, plans)) if self.profile else (),
+            profiles=tuple(self._profiles(plans)) if self.profile else (),
         )
         self._info = info
         return info
@@ -943,12 +825,10 @@ class HuggingFaceModel:
         tensor = plan.layer.state_dict(keep_vars=True)[name]
         return self.dtype if tensor.is_floating_point() else tensor.dtype
 
-    def _profiles(self, model: Any, plans: list[_LayerPlan]) -> list[LayerProfile]:
-        config = model.config
-        tokens = min(
-            PROFILE_TOKENS, int(getattr(config, "max_position_embeddings", PROFILE_TOKENS))
-        )
-        rate = _flops_per_ms(self.device, self.dtype, int(config.hidden_size), tokens)
+    def _profiles(self, plans: list[_LayerPlan]) -> list[LayerProfile]:
+        arch, _ = self._load_config()
+        tokens = min(PROFILE_TOKENS, arch.max_positions)
+        rate = _flops_per_ms(self.device, self.dtype, arch.hidden_size, tokens)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         profiles = []
         for plan in plans:
@@ -982,15 +862,11 @@ class HuggingFaceModel:
             raise ModelError(
                 f"layer range [{start}, {stop}) is outside model {self.name!r} ({info.num_layers} layers)"
             )
-        model, plans = self._plans()
-        selected = plans[start:stop]
+        selected = self._plans()[start:stop]
         checkpoint = self._reader_source()
-        done: set[int] = set()
         loaded: dict[str, torch.Tensor] = {}  # one copy of a tensor two layers share (tied)
-        # A progress bar on the worker's terminal (tqdm comes with transformers; it stays
-        # silent when stderr is not a terminal, e.g. a log file).
-        from tqdm.auto import tqdm  # type: ignore[import-untyped,import-not-found,unused-ignore]
-
+        # A progress bar on the worker's terminal; silent when stderr is not a terminal
+        # (a log file).
         progress = tqdm(
             selected,
             desc=f"loading layers {start}..{stop - 1}",
@@ -1000,8 +876,7 @@ class HuggingFaceModel:
         )
         with checkpoint.reading() as reader, progress:
             for plan in progress:
-                self._materialise_buffers(model, plan.layer, done)
-                keys = self._checkpoint_keys(model, plan)
+                keys = self._checkpoint_keys(plan)
                 state = {}
                 for name, key in keys.items():
                     if key not in loaded:
@@ -1031,25 +906,6 @@ class HuggingFaceModel:
         layers = nn.Sequential(*(plan.layer for plan in selected))
         layers.requires_grad_(False)
         return layers.to(self.device).eval()
-
-    @staticmethod
-    def _materialise_buffers(model: Any, layer: nn.Module, done: set[int]) -> None:
-        """Give buffers that no checkpoint holds (rotary frequencies, position ids) their values.
-
-        transformers itself fills them with ``_init_weights`` after loading on the meta
-        device; parameters are still on ``meta`` here, so nothing else is initialised.
-        """
-        for module in layer.modules():
-            names: set[str] = module._non_persistent_buffers_set
-            if id(module) in done or not names:
-                continue
-            done.add(id(module))
-            for name in names:
-                buffer = module._buffers.get(name)
-                if buffer is not None and buffer.is_meta:
-                    module._buffers[name] = torch.empty_like(buffer, device="cpu")
-            with torch.no_grad():
-                model._init_weights(module)
 
 
 def _flops_per_ms(device: torch.device, dtype: torch.dtype, hidden: int, tokens: int) -> float:

@@ -5,8 +5,8 @@ returns a :class:`torch.nn.Sequential`. Without ``weights`` the callable must be
 deterministic (seed its RNG): every worker builds its own copy, and the fingerprints
 computed at start-up prove that they are the same.
 
-A model named ``hf:/path/to/dir`` is a Hugging Face ``transformers`` model directory
-instead, loaded by :mod:`.hf` (the ``hf`` extra).
+A model named ``hf:/path/to/dir`` is a Hugging Face model directory instead, loaded by
+:mod:`.hf`.
 """
 
 from __future__ import annotations

@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
-import torch
 
 from ..config import GenerationConfig
 from ..errors import CoordinationError
@@ -65,17 +64,12 @@ def stepping(step: Step) -> Iterator[Step]:
 
 
 def state_bytes(state: dict[str, Any]) -> int:
-    """Bytes of the tensors in ``state`` (plain tensors, and caches with ``layers`` of
-    ``keys``/``values`` as ``transformers``' caches have)."""
+    """Bytes of the tensors in ``state``: plain tensors, and objects that count their own
+    (``nbytes``, as :class:`~butterfly.model.blocks.KVCache` does)."""
     total = 0
     for value in state.values():
-        if isinstance(value, torch.Tensor):
-            total += value.nbytes
-        for layer in getattr(value, "layers", ()):
-            for name in ("keys", "values"):
-                tensor = getattr(layer, name, None)
-                if isinstance(tensor, torch.Tensor):
-                    total += tensor.nbytes
+        nbytes = getattr(value, "nbytes", 0)
+        total += nbytes if isinstance(nbytes, int) else 0
     return total
 
 

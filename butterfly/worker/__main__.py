@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="IMPORT_PATH|hf:DIR",
         help="'package.module:callable' returning a torch.nn.Sequential; without --weights it "
         "must be deterministic (seed its RNG) so that every worker builds the same weights. "
-        "Or 'hf:/path/to/dir': a Hugging Face transformers model directory (config.json and "
-        "*.safetensors; GPT-2, Llama, BERT), read offline; needs the 'hf' extra",
+        "Or 'hf:/path/to/dir': a Hugging Face model directory (config.json and "
+        "*.safetensors, as save_pretrained writes it; GPT-2, Llama, BERT), read offline",
     )
     p.add_argument(
         "--peers",

@@ -2,8 +2,8 @@
 
 Tiny GPT-2, Llama (grouped-query attention) and BERT models with seeded random weights are
 saved with ``save_pretrained`` into temporary directories. Split forwards are compared with
-the transformers model's own forward *bitwise*: the layers call the same transformers
-modules and mask functions on the same values, so any difference is a bug, not rounding.
+the transformers model's own forward *bitwise*: Butterfly's blocks do the same operations in
+the same order with the same kernels, so any difference is a bug, not rounding.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +35,7 @@ from butterfly.model.hf import (
     TokenEmbedding,
 )
 from butterfly.protocol import InputSpec
-from tests.hf_models import FAMILIES, MODEL_CLASSES, VOCAB
+from tests.hf_models import FAMILIES, MODEL_CLASSES, VARIANTS, VOCAB
 from tests.hf_models import save as _save
 
 
@@ -127,6 +128,18 @@ def test_split_forward_equals_the_transformers_forward_bitwise(
     got = _run(ModelSource(f"hf:{directory}"), bounds, ids)
     assert got.shape == expected.shape
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_non_default_settings_equal_the_transformers_forward_bitwise(
+    family: str, tmp_path: Path
+) -> None:
+    """llama3 rope scaling, tied head, biases, a wide head_dim; GPT-2's per-layer score
+    scaling and exact gelu; BERT's tanh gelu and another norm epsilon."""
+    directory = _save(family, tmp_path / family, **VARIANTS[family])
+    ids = _ids(seq=20)
+    expected = _reference_forward(_reference(directory, family), family, ids)
+    assert torch.equal(_run(ModelSource(f"hf:{directory}"), [0, 2, 5], ids), expected)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -372,18 +385,45 @@ def test_a_checkpoint_missing_a_tensor_names_it(
 
 
 def _bare(directory: Path, model_type: str = "gpt2") -> Path:
-    """A directory that looks like a model before transformers reads it: no transformers needed."""
+    """A directory with a config.json and a weights file, before any tensor is checked."""
     (directory / "config.json").write_text(json.dumps({"model_type": model_type}))
     save_file({"wte.weight": torch.zeros(2, 2)}, str(directory / "model.safetensors"))
     return directory
 
 
-def test_without_transformers_the_error_names_the_extra(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+_WITHOUT_TRANSFORMERS = """
+import sys
+sys.modules["transformers"] = None  # any import of it fails
+import torch
+from butterfly.model.loading import ModelSource
+source = ModelSource("hf:" + sys.argv[1])
+layers = source.build_layers(0, source.describe().num_layers)
+with torch.inference_mode():
+    torch.save(layers(torch.load(sys.argv[2])), sys.argv[3])
+assert not any(name.startswith("transformers") for name in sys.modules if sys.modules[name])
+"""
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_model_runs_in_a_process_without_transformers(
+    saved: Callable[[str], Path], family: str, tmp_path: Path
 ) -> None:
-    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
-    with pytest.raises(ModelError, match=r"pip install 'butterfly-inference\[hf\]'"):
-        ModelSource(f"hf:{_bare(tmp_path)}").describe()
+    ids = _ids()
+    expected = _reference_forward(_reference(saved(family), family), family, ids)
+    torch.save(ids, tmp_path / "ids.pt")
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _WITHOUT_TRANSFORMERS,
+            str(saved(family)),
+            str(tmp_path / "ids.pt"),
+            str(tmp_path / "out.pt"),
+        ],
+        check=True,
+        timeout=120,
+    )
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_weights_file_is_refused_for_hf_models(tmp_path: Path) -> None:
