@@ -31,15 +31,27 @@ MiB = 1 << 20
 ALLOWANCE = 300 * MiB
 
 
-def save_model(directory: Path, hidden: int, layers: int, vocab: int) -> Path:
+def save_model(
+    directory: Path,
+    hidden: int,
+    layers: int,
+    vocab: int,
+    *,
+    heads: int | None = None,
+    kv_heads: int | None = None,
+    intermediate: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """A Llama-shaped model with random weights, saved with ``save_pretrained``; heads of 64
+    and a quarter as many key/value heads unless given."""
     import transformers
 
     config = transformers.LlamaConfig(
         hidden_size=hidden,
-        intermediate_size=hidden * 11 // 4,
+        intermediate_size=intermediate or hidden * 11 // 4,
         num_hidden_layers=layers,
-        num_attention_heads=hidden // 64,
-        num_key_value_heads=max(1, hidden // 256),
+        num_attention_heads=heads or hidden // 64,
+        num_key_value_heads=kv_heads or max(1, hidden // 256),
         vocab_size=vocab,
         max_position_embeddings=512,
     )
@@ -50,7 +62,7 @@ def save_model(directory: Path, hidden: int, layers: int, vocab: int) -> Path:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02)
-    model.save_pretrained(directory, safe_serialization=True)
+    model.to(dtype).save_pretrained(directory, safe_serialization=True)
     return directory
 
 

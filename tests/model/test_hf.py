@@ -321,6 +321,19 @@ def test_the_tied_lm_head_is_read_from_the_token_embeddings(saved: Callable[[str
     assert isinstance(head[0], LanguageModelHead)
 
 
+def test_a_sharded_checkpoint_reads_its_index_and_matches_one_file(
+    saved: Callable[[str], Path], tmp_path: Path
+) -> None:
+    sharded = tmp_path / "sharded"
+    _reference(saved("llama"), "llama").save_pretrained(sharded, max_shard_size="40KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("*.safetensors"))) > 2
+    whole, split = ModelSource(f"hf:{saved('llama')}"), ModelSource(f"hf:{sharded}")
+    assert split.describe().fingerprint == whole.describe().fingerprint
+    ids = _ids()
+    assert torch.equal(_run(split, [0, 2, 5], ids), _run(whole, [0, 5], ids))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_profiles_carry_exact_bytes_for_each_layer(
     family: str, saved: Callable[[str], Path]
