@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,8 @@ from butterfly.model import (
     torch_from_wire,
     torch_to_wire,
 )
+from butterfly.model.runtime import INLINE_STEP_S
+from butterfly.model.sessions import SessionKey
 from butterfly.model.zoo import mlp, small_transformer
 from butterfly.protocol import InputSpec, WireTensor
 
@@ -171,3 +175,46 @@ async def test_stage_runtime_computes_in_a_worker_thread() -> None:
     with torch.inference_mode():
         torch.testing.assert_close(out, mlp()(x), rtol=0, atol=0)
     assert np.asarray(out).shape == (4, 64)
+
+
+class _Threads(nn.Module):
+    """Records the thread each forward runs in, and takes ``delay`` seconds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[int] = []
+        self.delay = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.threads.append(threading.get_ident())
+        time.sleep(self.delay)
+        return x
+
+
+async def test_short_one_token_session_steps_run_on_the_event_loop() -> None:
+    layer = _Threads()
+    runtime = StageRuntime(
+        nn.Sequential(layer),
+        start=0,
+        stop=1,
+        device=torch.device("cpu"),
+        limiter=trio.CapacityLimiter(1),
+        max_bytes=1 << 20,
+    )
+    loop = threading.get_ident()
+    session: SessionKey = ("coordinator", 1, 0, 0)
+
+    async def step(position: int, tokens: int) -> None:
+        await runtime.forward(
+            torch_to_wire(torch.zeros(1, tokens)), session=session, position=position
+        )
+
+    await step(0, 4)  # the prompt: a thread
+    await step(4, 1)  # the first one-token step: a thread, and timed
+    await step(5, 1)  # short: on the loop
+    layer.delay = 2 * INLINE_STEP_S
+    await step(6, 1)  # on the loop, but takes too long…
+    await step(7, 1)  # …so the next one goes back to a thread
+    await runtime.forward(torch_to_wire(torch.zeros(1, 1)))  # not a session step: a thread
+    on_loop = [t == loop for t in layer.threads]
+    assert on_loop == [False, False, True, True, False, False]
