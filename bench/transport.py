@@ -150,6 +150,7 @@ class PeerChannel:
             compute_s=0.0,
             session=0,
             position=0,
+            keep=(),
             tensor=array_to_wire(array),
         )
         await self.peer.send(message)

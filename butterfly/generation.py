@@ -9,7 +9,16 @@ the session's tokens: when a worker is lost, or its caches were evicted, the ste
 re-run on the current placement by replaying every token so far, and generation goes
 on as if nothing happened (greedy output is the same). The model's first stage must take
 ``(batch, seq)`` int64 token ids and its last return logits ``(batch, seq', vocab)``
-(the ``hf:`` decoders do); a batch is unpadded (every row the same length).
+(the ``hf:`` decoders do). A caller's prompt is unpadded (every row the same length).
+
+*Continuous batching.* With micro-batching on, generations share a session in the
+pipeline, rows stacked: a session is a rectangle of rows × columns in which ``-1`` marks
+padding. A generation that arrives while a session runs joins it at its next step: that
+step carries the newcomer's prompt and, for the other rows, their next token padded on
+the right; the newcomer's row is padded in the columns before it. The stages mask
+padding out of attention and count positions per row (``model/blocks.py``
+``KVCache``), so every row computes what it would compute alone. Rows of finished
+generations leave at the next step (``Activation.keep``).
 """
 
 from __future__ import annotations
@@ -189,23 +198,39 @@ class _Member:
 
 @attrs.define(eq=False)
 class _Group:
-    """Generations that share one session in the pipeline: prompts of one length, rows stacked."""
+    """Generations sharing one session in the pipeline, rows stacked in member order."""
 
-    length: int
+    #: In the session, in row order.
     members: list[_Member] = attrs.field(factory=list)
-    rows: int = 0
-    #: Still taking members (until its batching window ends).
+    #: Waiting for the next step to join.
+    joining: list[_Member] = attrs.field(factory=list)
+    #: Still taking members.
     open: bool = True
+
+    def load(self) -> int:
+        """Rows of the generations still running or about to join."""
+        return sum(m.prompt.shape[0] for m in (*self.members, *self.joining) if m.active)
+
+
+def _padded(prompts: list[np.ndarray], width: int) -> np.ndarray:
+    """Prompts stacked as rows, each padded with -1 on the right to ``width`` columns."""
+    rows = np.full((sum(p.shape[0] for p in prompts), width), -1, dtype=np.int64)
+    start = 0
+    for p in prompts:
+        rows[start : start + p.shape[0], : p.shape[1]] = p
+        start += p.shape[0]
+    return rows
 
 
 class GenerationService:
     """Runs generation sessions for the coordinator.
 
-    With micro-batching on (``scheduling.dispatch_batch_size`` > 1), generations whose
-    prompts have the same length and arrive within ``max_batch_wait_ms`` share one session
-    in the pipeline, their rows stacked (up to ``dispatch_batch_size`` rows): each step is
-    one request for all of them, and each caller samples its own rows with its own
-    settings. A caller that is done leaves its rows idle until the others are.
+    Without micro-batching every generation is a session of its own (concurrent sessions
+    are pipelined, each step its own request). With it (``scheduling.dispatch_batch_size``
+    > 1), generations share a session, up to ``dispatch_batch_size`` rows: those arriving
+    within ``max_batch_wait_ms`` start it together, later ones join it at its next step
+    (see the module's docstring). Each step is one request for all of them, and each
+    caller samples its own rows with its own settings.
     """
 
     def __init__(
@@ -217,7 +242,8 @@ class GenerationService:
         self.scheduling = scheduling
         self.coordination = coordination
         self.config = config
-        self._open: dict[int, _Group] = {}
+        #: Running sessions that newcomers may join (with micro-batching on).
+        self._groups: list[_Group] = []
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -245,35 +271,42 @@ class GenerationService:
             member.active = False
 
     def _join(self, member: _Member) -> None:
-        length, rows = member.prompt.shape[1], member.prompt.shape[0]
+        """Into the first running session with room for its rows, or a new one."""
         limit = self.config.dispatch_batch_size
-        group = self._open.get(length)
-        if group is None or not group.open or group.rows + rows > limit:
-            group = self._open[length] = _Group(length)
+        rows = member.prompt.shape[0]
+        group = next((g for g in self._groups if g.open and g.load() + rows <= limit), None)
+        if limit == 1 or group is None:
+            group = _Group()
+            if limit > 1:
+                self._groups.append(group)
             assert self._nursery is not None
             self._nursery.start_soon(self._drive, group)
-        group.members.append(member)
-        group.rows += rows
+        group.joining.append(member)
 
     async def _drive(self, group: _Group) -> None:
         if self.config.dispatch_batch_size > 1:
             await trio.sleep(self.config.max_batch_wait_ms / 1000)
-        group.open = False
-        if self._open.get(group.length) is group:
-            del self._open[group.length]
-        start = 0
-        for member in group.members:
-            member.rows = slice(start, start + member.prompt.shape[0])
-            start = member.rows.stop
-        session = SessionState(
-            session_id=next(_session_ids),
-            tokens=np.concatenate([m.prompt for m in group.members], axis=0),
-        )
-        timeout = max(m.timeout for m in group.members)
+        session = SessionState(session_id=next(_session_ids), tokens=np.zeros((0, 0), np.int64))
+        #: Each row's latest token: what it feeds at the next step.
+        last = np.zeros(0, dtype=np.int64)
         try:
-            while any(m.active for m in group.members):
+            while True:
+                staying = [m for m in group.members if m.active]
+                newcomers, group.joining = group.joining, []
+                newcomers = [m for m in newcomers if m.active]
+                if not staying and not newcomers:
+                    break
+                if not staying and session.tokens.size:
+                    # Everyone before has finished: the newcomers start a session afresh.
+                    await self._end(session)
+                    session = SessionState(
+                        session_id=next(_session_ids), tokens=np.zeros((0, 0), np.int64)
+                    )
+                last = self._admit(group, session, staying, newcomers, last)
                 task = self.scheduling.submit_task(
-                    array_to_wire(session.tokens), timeout=timeout, session=session
+                    array_to_wire(session.tokens),
+                    timeout=max(m.timeout for m in group.members),
+                    session=session,
                 )
                 logits = torch_from_wire(await self.scheduling.wait(task))
                 if logits.ndim != 3 or logits.shape[0] != session.tokens.shape[0]:
@@ -281,25 +314,60 @@ class GenerationService:
                         f"generation needs logits (batch, seq, vocab) from the last stage; "
                         f"got shape {tuple(logits.shape)}"
                     )
-                chosen = [m.take(logits[m.rows, -1]) for m in group.members]
-                session.tokens = np.concatenate(
-                    [session.tokens, np.concatenate(chosen)[:, None]], axis=1
-                )
+                for m in group.members:
+                    last[m.rows] = m.take(logits[m.rows, -1])
         except ButterflyError as exc:
-            for member in group.members:
-                if member.active:
-                    member.deliver(exc)
+            self._fail(group, exc)
         except Exception as exc:  # a bug must fail these generations, not the client
             log.exception("generation session %d failed unexpectedly", session.session_id)
-            for member in group.members:
-                if member.active:
-                    member.deliver(
-                        SchedulingError(f"generation failed on an internal error: {exc!r}")
-                    )
+            self._fail(group, SchedulingError(f"generation failed on an internal error: {exc!r}"))
         finally:
-            for member in group.members:
+            group.open = False
+            if group in self._groups:
+                self._groups.remove(group)
+            for member in (*group.members, *group.joining):
                 member.out.close()
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await self.coordination.send_all(
-                    EndSession(session=session.session_id, origin=self.coordination.node_id)
-                )
+            with trio.CancelScope(shield=True):
+                await self._end(session)
+
+    @staticmethod
+    def _admit(
+        group: _Group,
+        session: SessionState,
+        staying: list[_Member],
+        newcomers: list[_Member],
+        last: np.ndarray,
+    ) -> np.ndarray:
+        """Lay out the next step in ``session.tokens``: rows of finished generations leave,
+        the others feed their latest token, newcomers their prompt (padded to one width);
+        the new ``last``."""
+        kept = [r for m in staying for r in range(m.rows.start, m.rows.stop)]
+        width = max([1, *(m.prompt.shape[1] for m in newcomers)])
+        columns = session.tokens.shape[1]
+        old = np.full((len(kept), columns + width), -1, dtype=np.int64)
+        old[:, :columns] = session.tokens[kept]
+        old[:, columns] = last[kept]
+        new = np.full((sum(m.prompt.shape[0] for m in newcomers), columns + width), -1, np.int64)
+        new[:, columns:] = _padded([m.prompt for m in newcomers], width)
+        session.tokens = np.concatenate([old, new])
+        # Which of the stages' cached rows stay (empty: all of them, in order).
+        session.keep = () if kept == list(range(len(last))) else tuple(kept)
+        start = 0
+        for member in (*staying, *newcomers):
+            member.rows = slice(start, start + member.prompt.shape[0])
+            start = member.rows.stop
+        group.members = [*staying, *newcomers]
+        return np.concatenate([last[kept], np.zeros(len(new), dtype=np.int64)])
+
+    @staticmethod
+    def _fail(group: _Group, error: ButterflyError) -> None:
+        for member in (*group.members, *group.joining):
+            if member.active:
+                member.deliver(error)
+
+    async def _end(self, session: SessionState) -> None:
+        """Free the session's caches on the workers (best effort: they also expire)."""
+        with trio.move_on_after(1):
+            await self.coordination.send_all(
+                EndSession(session=session.session_id, origin=self.coordination.node_id)
+            )

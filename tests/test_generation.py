@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import trio
+import trio.lowlevel
 
 from butterfly import AsyncButterfly
 from butterfly.config import load_config
@@ -285,3 +286,112 @@ async def test_concurrent_sessions_with_batching_on_share_one_session_in_the_pip
             assert b.metrics()["requests_completed"] == 6  # not 3 + 6
         nursery.cancel_scope.cancel()
         assert all(w.sessions.statistics()["sessions"] == 0 for w in cluster.workers)
+
+
+BATCHING = {**FAST, "scheduling": {"dispatch_batch_size": 8, "max_batch_wait_ms": 50.0}}
+
+
+@pytest.mark.parametrize("family", DECODERS)
+async def test_prompts_of_different_lengths_share_a_session_and_each_equals_its_own_generate(
+    family: str, saved: Callable[[str], Path]
+) -> None:
+    directory = saved(family)
+    a, c = prompt(batch=1, seq=3, seed=7), prompt(batch=2, seq=7, seed=8)
+    expected = [reference_generate(directory, family, x, 5) for x in (a, c)]
+    cluster = Cluster()
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery, directory)
+        async with AsyncButterfly.connect(
+            ["mem://w0"], transport=cluster.net, config=BATCHING
+        ) as b:
+            results: dict[int, torch.Tensor] = {}
+
+            async def run(i: int, x: torch.Tensor) -> None:
+                results[i] = await b.generate(x, max_new_tokens=5)
+
+            async with trio.open_nursery() as sessions:
+                sessions.start_soon(run, 0, a)
+                sessions.start_soon(run, 1, c)
+            assert torch.equal(results[0], expected[0])
+            assert torch.equal(results[1], expected[1])
+            assert b.metrics()["requests_completed"] == 5  # one request per step for both
+        nursery.cancel_scope.cancel()
+
+
+async def _join_midway(
+    b: AsyncButterfly, first: torch.Tensor, second: torch.Tensor, *, after: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``first`` generates 8 tokens; ``second`` (4 tokens) starts after ``after`` of them."""
+    late: dict[str, torch.Tensor] = {}
+    steps = []
+    async with trio.open_nursery() as nursery:
+        async for tokens in b.stream(first, max_new_tokens=8):
+            steps.append(tokens)
+            if len(steps) == after:
+
+                async def run() -> None:
+                    late["out"] = await b.generate(second, max_new_tokens=4)
+
+                nursery.start_soon(run)
+    return torch.cat([first, torch.stack(steps, dim=1)], dim=1), late["out"]
+
+
+@pytest.mark.parametrize("family", DECODERS)
+async def test_a_generation_joins_a_running_session_at_its_next_step(
+    family: str, saved: Callable[[str], Path]
+) -> None:
+    directory = saved(family)
+    a, c = prompt(batch=2, seq=4, seed=9), prompt(batch=1, seq=6, seed=10)
+    expected = [
+        reference_generate(directory, family, a, 8),
+        reference_generate(directory, family, c, 4),
+    ]
+    cluster = Cluster()
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery, directory)
+        async with AsyncButterfly.connect(
+            ["mem://w0"], transport=cluster.net, config=BATCHING
+        ) as b:
+            first, second = await _join_midway(b, a, c, after=3)
+            assert torch.equal(first, expected[0])
+            assert torch.equal(second, expected[1])
+            # The newcomer's 4 steps rode along the running session's: 8 requests, not 12.
+            assert b.metrics()["requests_completed"] == 8
+        nursery.cancel_scope.cancel()
+        assert all(w.sessions.statistics()["sessions"] == 0 for w in cluster.workers)
+
+
+async def test_a_session_that_rows_joined_and_left_is_replayed_exactly_after_eviction(
+    saved: Callable[[str], Path],
+) -> None:
+    # A one-byte cache budget and a second session running beside: steps find their
+    # caches evicted and replay the padded rectangle of tokens from position 0.
+    directory = saved("llama")
+    a, c, d = prompt(batch=1, seq=4, seed=11), prompt(batch=1, seq=2, seed=12), prompt(2, 5, 13)
+    expected = [
+        reference_generate(directory, "llama", a, 8),
+        reference_generate(directory, "llama", c, 4),
+        reference_generate(directory, "llama", d, 10),
+    ]
+    # Two rows a session: d's two rows fill one, a and c share the other.
+    config = {**FAST, "scheduling": {"dispatch_batch_size": 2, "max_batch_wait_ms": 0.0}}
+    cluster = Cluster()
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery, directory, {**FAST, "generation": {"kv_cache_bytes": 1}})
+        async with AsyncButterfly.connect(["mem://w0"], transport=cluster.net, config=config) as b:
+            results: dict[str, torch.Tensor] = {}
+
+            async def beside() -> None:
+                results["d"] = await b.generate(d, max_new_tokens=10)
+
+            async with trio.open_nursery() as sessions:
+                sessions.start_soon(beside)
+                await trio.lowlevel.checkpoint()
+                first, second = await _join_midway(b, a, c, after=2)
+            assert torch.equal(first, expected[0])
+            assert torch.equal(second, expected[1])
+            assert torch.equal(results["d"], expected[2])
+            assert b.metrics()["requests_completed"] == 8 + 10  # c rode along a's steps
+            assert sum(w.sessions.evicted for w in cluster.workers) > 0
+            assert b.metrics()["session_replays"] > 0
+        nursery.cancel_scope.cancel()

@@ -16,9 +16,10 @@ A block takes hidden states ``(batch, seq, hidden)``, an optional boolean attent
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import cast
 
+import attrs
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,32 +33,119 @@ __all__ = [
     "KVCache",
     "LlamaBlock",
     "RMSNorm",
+    "StepLayout",
     "activation",
     "attention",
     "embedding",
 ]
 
 
+@attrs.frozen
+class StepLayout:
+    """Where a session step's tokens stand in their rows, and what each may attend to."""
+
+    #: The step's first column in the session (see :class:`~butterfly.model.sessions.Step`).
+    position: int
+    #: ``(rows, seq)``: each token's position in its own row, counting real tokens only.
+    positions: torch.Tensor
+    #: ``(rows, 1, seq, cached + seq)`` may-attend mask; ``None`` when no row has padding
+    #: (the attention kernel's causal flag then does it, as without a session).
+    mask: torch.Tensor | None
+
+
 class KVCache:
-    """Keys and values of a session's earlier tokens, per block of one stage."""
+    """A session's state on one stage: per block, keys and values of the earlier columns;
+    per row, which columns hold real tokens.
+
+    A session is a rectangle of rows × columns. Padding (negative ids, carried as the
+    mask channel) lets rows of different lengths share it: a row that joins a running
+    session has padding in the columns before it; a step that brings one row's prompt
+    and the other rows' next token pads those on the right. Padded columns are masked
+    out of attention and not counted in positions, so each row computes what it would
+    compute alone.
+    """
 
     def __init__(self) -> None:
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        #: ``(rows, columns)``: True where a column of a row is a real token.
+        self.real = torch.zeros(0, 0, dtype=torch.bool)
+        #: ``(rows,)``: real tokens of each row so far.
+        self.counts = torch.zeros(0, dtype=torch.int64)
+        self._layout: StepLayout | None = None
+
+    def layout(self, position: int, real: torch.Tensor) -> StepLayout:
+        """The layout of the step at ``position`` whose ``(rows, seq)`` real-token mask is
+        ``real``; computed by the stage's first layer, then the same for the others.
+
+        A step may bring more rows than the session had: they join, padded before.
+        """
+        if self._layout is not None and self._layout.position == position:
+            return self._layout
+        rows, tokens = real.shape
+        held, columns = self.real.shape
+        if rows < held:
+            raise ValueError(
+                f"a step of {rows} rows for a session of {held}: rows leave only by keep_rows"
+            )
+        cached = self.real.to(real.device)
+        counts = self.counts.to(real.device)
+        if rows > held:
+            cached = torch.cat((cached, cached.new_zeros(rows - held, columns)))
+            counts = torch.cat((counts, counts.new_zeros(rows - held)))
+        positions = (counts[:, None] + real.cumsum(dim=1) - 1).clamp(min=0)
+        mask = None
+        if not (bool(real.all()) and bool(cached.all()) and (columns == 0 or tokens == 1)):
+            causal = torch.ones(tokens, tokens, dtype=torch.bool, device=real.device).tril()
+            # A padded query attends to itself at least: a row of nothing but -inf would
+            # make NaN, and NaN times a zero weight is still NaN in the keys it leaves.
+            own = (causal[None] & real[:, None, :]) | torch.eye(
+                tokens, dtype=torch.bool, device=real.device
+            )
+            before = cached[:, None, :].expand(rows, tokens, columns)
+            mask = torch.cat((before, own), dim=2)[:, None]
+        self.real = torch.cat((cached, real), dim=1)
+        self.counts = counts + real.sum(dim=1)
+        self._layout = StepLayout(position, positions, mask)
+        return self._layout
 
     def update(
         self, index: int, keys: torch.Tensor, values: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append this step's ``(batch, heads, seq, dim)`` keys and values; all of them so far."""
+        """Append this step's ``(rows, heads, seq, dim)`` keys and values; all of them so far.
+
+        Rows that joined with this step get zeros in the earlier columns (masked out).
+        """
         held = self.layers.get(index)
         if held is not None:
-            keys = torch.cat((held[0], keys), dim=-2)
-            values = torch.cat((held[1], values), dim=-2)
+            old_keys, old_values = held
+            missing = keys.shape[0] - old_keys.shape[0]
+            if missing > 0:
+                old_keys = torch.cat((old_keys, old_keys.new_zeros(missing, *old_keys.shape[1:])))
+                old_values = torch.cat(
+                    (old_values, old_values.new_zeros(missing, *old_values.shape[1:]))
+                )
+            keys = torch.cat((old_keys, keys), dim=-2)
+            values = torch.cat((old_values, values), dim=-2)
         self.layers[index] = (keys, values)
         return keys, values
 
+    def keep_rows(self, rows: Sequence[int]) -> None:
+        """Keep only these rows, in this order (rows of finished generations leave)."""
+        index = torch.tensor(list(rows), dtype=torch.int64)
+        if len(index) and (int(index.min()) < 0 or int(index.max()) >= self.real.shape[0]):
+            raise ValueError(
+                f"rows {list(rows)} are not all among the session's {self.real.shape[0]}"
+            )
+        self.layers = {
+            i: (k[index.to(k.device)], v[index.to(v.device)]) for i, (k, v) in self.layers.items()
+        }
+        self.real = self.real[index.to(self.real.device)]
+        self.counts = self.counts[index.to(self.counts.device)]
+        self._layout = None
+
     @property
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self.layers.values())
+        return sum(k.nbytes + v.nbytes for k, v in self.layers.values()) + self.real.nbytes
 
 
 def _gelu_new(x: torch.Tensor) -> torch.Tensor:

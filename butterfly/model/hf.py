@@ -62,6 +62,7 @@ from .blocks import (
     KVCache,
     LlamaBlock,
     RMSNorm,
+    StepLayout,
     embedding,
 )
 from .fingerprint import model_fingerprint
@@ -135,10 +136,17 @@ def _token_ids(ids: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def _positions(hidden: torch.Tensor) -> torch.Tensor:
-    """Positions of the tokens in ``hidden``: from 0, or from the session step's position."""
-    step = current_step()
-    first = step.position if step is not None else 0
-    return torch.arange(first, first + hidden.shape[1], device=hidden.device).unsqueeze(0)
+    """``(1, seq)`` positions ``0 .. seq-1`` of a forward outside a session (pad on the right)."""
+    return torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+
+
+def _session_layout(step: Step, real: torch.Tensor) -> tuple[KVCache, StepLayout]:
+    """The session's cache on this stage (made at its first step) and this step's layout."""
+    cache = step.state.get("kv")
+    if cache is None:
+        cache = step.state["kv"] = KVCache()
+    assert isinstance(cache, KVCache)
+    return cache, cache.layout(step.position, real)
 
 
 # -- the layers ------------------------------------------------------------------------------
@@ -181,7 +189,12 @@ class TokenEmbedding(_Layer):
         ids, mask = _token_ids(ids, self.pad_id)
         hidden = self.tokens(ids)
         if self.positions is not None:
-            hidden = hidden + self.positions(_positions(hidden))
+            step = current_step()
+            if step is None:
+                positions = _positions(hidden)
+            else:
+                positions = _session_layout(step, mask)[1].positions
+            hidden = hidden + self.positions(positions)
         return pack_hidden(hidden, mask)
 
     def flops(self, tokens: int) -> float:
@@ -217,7 +230,8 @@ class DecoderBlock(_Layer):
     Outside a generation session it runs over the whole sequence, padding masked out of
     attention. In a session (:func:`~butterfly.model.sessions.current_step`), keys and
     values of earlier steps come from the stage's :class:`KVCache` in ``step.state``,
-    shared by the stage's blocks, and this step's are added to it.
+    shared by the stage's blocks, and this step's are added to it; rows may be padded
+    anywhere (see :class:`KVCache`).
     """
 
     def __init__(self, block: GPT2Block | LlamaBlock, arch: Architecture) -> None:
@@ -231,28 +245,9 @@ class DecoderBlock(_Layer):
         if step is None:
             out = self.block(hidden, _causal_mask(mask), _positions(hidden), None)
         else:
-            out = self.block(
-                hidden, None, _positions(hidden), self._session_cache(hidden, mask, step)
-            )
+            cache, layout = _session_layout(step, packed[..., -1] != 0)
+            out = self.block(hidden, layout.mask, layout.positions, cache)
         return torch.cat((out, packed[..., -1:]), dim=-1)
-
-    @staticmethod
-    def _session_cache(hidden: torch.Tensor, mask: torch.Tensor | None, step: Step) -> KVCache:
-        """The session's cache. A session's batch is unpadded, and a step either starts the
-        sequence (any length: causal attention) or adds one token (it attends to everything
-        before it), so the attention kernel's causal flag is the only mask needed."""
-        tokens = hidden.shape[1]
-        if mask is not None:
-            raise ValueError("generation takes unpadded batches: every row the same length")
-        if step.position and tokens != 1:
-            raise ValueError(
-                f"a step after the first adds one token; got {tokens} at position {step.position}"
-            )
-        cache = step.state.get("kv")
-        if cache is None:
-            cache = step.state["kv"] = KVCache()
-        assert isinstance(cache, KVCache)
-        return cache
 
     def flops(self, tokens: int) -> float:
         return _block_flops(self.block, self.arch, tokens)
@@ -302,7 +297,11 @@ class LanguageModelHead(_Layer):
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
         hidden, _ = unpack_hidden(packed)
         if current_step() is not None:
-            hidden = hidden[:, -1:]  # generation needs the next token's logits only
+            # Generation needs each row's next token only: the logits of its last real
+            # token (rows whose step is shorter than the others' are padded on the right).
+            real = (packed[..., -1] != 0).to(torch.int64)
+            last = real.cumsum(dim=1).argmax(dim=1)
+            hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last][:, None]
         logits: torch.Tensor = self.head(self.norm(hidden))
         return logits
 

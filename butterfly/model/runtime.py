@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+from collections.abc import Sequence
 
 import torch
 import trio
@@ -65,20 +66,22 @@ class StageRuntime:
         first: int | None = None,
         session: SessionKey | None = None,
         position: int = 0,
+        keep: Sequence[int] = (),
     ) -> WireTensor:
         """Decode, compute and encode one activation; all of it in the worker thread.
 
         ``first`` is the layer to start at (a request resuming from a checkpoint inside
         this stage); by default the stage's first layer. ``session`` makes this a step of
         a generation session whose tokens start at ``position`` (dimension 1 of the
-        tensor is the sequence): the layers see its state (see :mod:`.sessions`).
+        tensor is the sequence): the layers see its state (see :mod:`.sessions`); ``keep``
+        (empty: all) names the rows of that state that stay, in order, before the step.
         """
         skip = 0 if first is None else first - self.start
         if not 0 <= skip < self.stop - self.start:
             raise ValueError(
                 f"layer {first} is not in this stage's layers {self.start}..{self.stop - 1}"
             )
-        compute = functools.partial(self._compute, tensor, skip, session, position)
+        compute = functools.partial(self._compute, tensor, skip, session, position, tuple(keep))
         if not self.in_thread:
             return compute()
         if session is None or position == 0:
@@ -104,7 +107,12 @@ class StageRuntime:
             self.step_s = time.perf_counter() - begin
 
     def _compute(
-        self, tensor: WireTensor, skip: int, session: SessionKey | None, position: int
+        self,
+        tensor: WireTensor,
+        skip: int,
+        session: SessionKey | None,
+        position: int,
+        keep: tuple[int, ...],
     ) -> WireTensor:
         with torch.inference_mode():
             x = torch_from_wire(tensor, device=self.device, max_bytes=self.max_bytes)
@@ -115,6 +123,8 @@ class StageRuntime:
                 tokens = x.shape[1] if x.ndim > 1 else 1
                 step = self.sessions.begin(session, position, tokens)
                 try:
+                    if keep and position:
+                        step.keep_rows(keep)
                     with stepping(step):
                         y = layers(x)
                 except BaseException:

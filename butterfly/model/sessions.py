@@ -20,7 +20,7 @@ import contextlib
 import contextvars
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -42,6 +42,13 @@ class Step:
     position: int
     #: What the stage's layers keep between steps, by their own keys.
     state: dict[str, Any]
+
+    def keep_rows(self, rows: Sequence[int]) -> None:
+        """Keep only these rows of the session's state, in this order (see ``Activation.keep``)."""
+        for value in self.state.values():
+            keep = getattr(value, "keep_rows", None)
+            if keep is not None:
+                keep(rows)
 
 
 _current: contextvars.ContextVar[Step | None] = contextvars.ContextVar(

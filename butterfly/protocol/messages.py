@@ -36,7 +36,8 @@ __all__ = [
 #: Bumped on any change that an older peer cannot decode.
 #: 2: Activation gained ``layer`` and ``compute_s`` (checkpoints and resuming from them),
 #: ``session`` and ``position`` (generation with caches kept on the stages).
-PROTOCOL_VERSION = 2
+#: 3: Activation gained ``keep`` (rows leaving a running generation session).
+PROTOCOL_VERSION = 3
 
 
 class _Struct(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=False):
@@ -171,6 +172,8 @@ class Activation(_Struct, tag="activation", frozen=True):
     ``session`` (0: none) names a generation session of ``origin``: its stages keep state
     between steps (KV caches), and ``tensor`` holds the session's tokens from ``position``
     on. A stage whose cache does not hold exactly ``position`` tokens refuses the step.
+    ``keep`` (empty: all) lists the cached rows that stay, in order, before the step: rows
+    of finished generations leave; rows beyond them in ``tensor`` join.
     """
 
     request_id: int
@@ -181,6 +184,7 @@ class Activation(_Struct, tag="activation", frozen=True):
     compute_s: float
     session: int
     position: int
+    keep: tuple[int, ...]
     tensor: WireTensor
 
 

@@ -359,7 +359,7 @@ class SchedulingService:
         try:
             batch.placement = await self.coordination.ensure_placement()
             batch.phases.advance(Phase.ASSIGNMENT)
-            stage, layer, tensor, position = self._entry(batch)
+            stage, layer, tensor, position, keep = self._entry(batch)
             session = batch.tasks[0].session
             if attempt:
                 self.metrics.emit(RequestRetried(batch.tasks[0].task_id, attempt, reason, layer))
@@ -379,6 +379,7 @@ class SchedulingService:
                         compute_s=0.0,
                         session=session.session_id if session else 0,
                         position=position,
+                        keep=keep,
                         tensor=tensor,
                     ),
                 )
@@ -391,6 +392,7 @@ class SchedulingService:
                     ok = batch.result is not None
                     session.epoch = epoch if ok else 0
                     session.cached = session.tokens.shape[1] if ok else 0
+                    session.keep = ()
             finally:
                 del self._batches[batch.request_id]
                 self.coordination.request_finished(epoch)
@@ -407,17 +409,18 @@ class SchedulingService:
                 f"{type(exc).__name__}: {exc}"
             )
 
-    def _entry(self, batch: _Batch) -> tuple[StageSpec, int, WireTensor, int]:
-        """Where an attempt starts (stage, layer, tensor, session position): at the batch's
-        checkpoint if it has one, else at its input; a session's step sends the tokens its
-        stages have not cached, or all of them (a replay) when their caches are gone."""
+    def _entry(self, batch: _Batch) -> tuple[StageSpec, int, WireTensor, int, tuple[int, ...]]:
+        """Where an attempt starts (stage, layer, tensor, session position, rows kept): at
+        the batch's checkpoint if it has one, else at its input; a session's step sends the
+        tokens its stages have not cached, or all of them (a replay) when their caches are
+        gone."""
         assert batch.placement is not None
         stages = batch.placement.stages
         checkpoint = batch.checkpoint
         if checkpoint is not None:
             for stage in stages:
                 if stage.start <= checkpoint.layer < stage.stop:
-                    return stage, checkpoint.layer, checkpoint.tensor, 0
+                    return stage, checkpoint.layer, checkpoint.tensor, 0, ()
         session = batch.tasks[0].session
         if session is not None:
             position = session.cached if session.epoch == batch.placement.epoch else 0
@@ -425,8 +428,9 @@ class SchedulingService:
                 self.metrics.emit(SessionReplayed(session.session_id, session.tokens.shape[1]))
             session.started = True
             tokens = np.ascontiguousarray(session.tokens[:, position:])
-            return stages[0], stages[0].start, array_to_wire(tokens), position
-        return stages[0], stages[0].start, concat([t.input for t in batch.tasks]), 0
+            keep = session.keep if position else ()
+            return stages[0], stages[0].start, array_to_wire(tokens), position, keep
+        return stages[0], stages[0].start, concat([t.input for t in batch.tasks]), 0, ()
 
     def _attempt_timeout(self) -> float:
         slowest = max(self._recent_attempts_s, default=0.0)

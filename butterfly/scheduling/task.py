@@ -46,6 +46,9 @@ class SessionState:
     cached: int = 0
     #: A step was sent before: sending from position 0 again is a replay.
     started: bool = False
+    #: The rows of the stages' cache that ``tokens``' first rows are (empty: all of them,
+    #: in order): set when generations leave the session, until a step succeeds.
+    keep: tuple[int, ...] = ()
 
 
 @attrs.define(eq=False)

@@ -543,6 +543,7 @@ class WorkerService:
                     first=first,
                     session=key if activation.session else None,
                     position=activation.position,
+                    keep=activation.keep,
                 )
             except ButterflyError:
                 raise
@@ -587,6 +588,7 @@ class WorkerService:
                         compute_s=compute_s,
                         session=activation.session,
                         position=activation.position,
+                        keep=activation.keep,
                         tensor=tensor,
                     )
                 )

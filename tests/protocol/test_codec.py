@@ -54,7 +54,7 @@ MESSAGES = [
     Assign(3, (StageSpec(0, 0, 6, "w1", "ws://h:1"), StageSpec(1, 6, 12, "w2", "ws://h:2")), 2.5),
     Assigned(3, "w1"),
     Result(5, 3, _tensor()),
-    Activation(5, 3, 1, "c1", 7, 0.25, 9, 12, _tensor()),
+    Activation(5, 3, 1, "c1", 7, 0.25, 9, 12, (0, 2), _tensor()),
     EndSession(9, "c1"),
     Checkpoint(5, 3, 7, _tensor()),
     Error("compute", "boom", 5, "c1"),
@@ -75,7 +75,7 @@ def test_every_message_round_trips(message: object) -> None:
 
 
 def test_activation_payload_is_a_zero_copy_view_of_the_frame() -> None:
-    frame = encode(Activation(1, 0, 0, "c", 0, 0.0, 0, 0, _tensor((4, 4))))
+    frame = encode(Activation(1, 0, 0, "c", 0, 0.0, 0, 0, (), _tensor((4, 4))))
     decoded = decode(frame)
     assert isinstance(decoded, Activation)
     assert decoded.tensor.data.obj is frame
