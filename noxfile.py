@@ -64,7 +64,7 @@ def demo(session: nox.Session) -> None:
     session.run("python", "-m", "butterfly", "demo", *session.posargs)
 
 
-BENCHES = ("transport", "pipeline", "placement", "faults", "memory")
+BENCHES = ("transport", "pipeline", "placement", "faults", "memory", "decode", "batching")
 
 
 @nox.session
@@ -74,7 +74,9 @@ def bench(session: nox.Session) -> None:
     transport: websocket hop vs raw TCP; pipeline: vs a local forward and GPipe on the
     reference workload; placement: planning time and throughput per strategy; faults:
     requests lost / duplicated / wrong under injected faults, and recovery times; memory:
-    peak RSS of workers holding parts of a model larger than each one's --max-memory.
+    peak RSS of workers holding parts of a model larger than each one's --max-memory;
+    decode: per-token latency of 2 stages vs one process; batching: concurrent generations
+    with and without continuous batching.
     """
     install(session, "test")
     for name in session.posargs or BENCHES:
