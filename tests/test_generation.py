@@ -62,6 +62,19 @@ def prompt(batch: int = 2, seq: int = 5, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 90, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
+async def concurrently(b: AsyncButterfly, *calls: tuple[torch.Tensor, int]) -> list[torch.Tensor]:
+    """Each ``(prompt, max_new_tokens)`` generated at once, in a task of its own."""
+    results: dict[int, torch.Tensor] = {}
+
+    async def run(i: int, ids: torch.Tensor, new: int) -> None:
+        results[i] = await b.generate(ids, max_new_tokens=new)
+
+    async with trio.open_nursery() as nursery:
+        for i, (ids, new) in enumerate(calls):
+            nursery.start_soon(run, i, ids, new)
+    return [results[i] for i in range(len(calls))]
+
+
 class Cluster:
     """Three in-memory workers serving an ``hf:`` model, each killable."""
 
@@ -123,14 +136,7 @@ async def test_two_concurrent_sessions_each_equal_their_own_local_generate(
     async with trio.open_nursery() as nursery:
         await cluster.start(nursery, directory)
         async with AsyncButterfly.connect(["mem://w0"], transport=cluster.net, config=FAST) as b:
-            results: dict[int, torch.Tensor] = {}
-
-            async def run(i: int, x: torch.Tensor) -> None:
-                results[i] = await b.generate(x, max_new_tokens=8)
-
-            async with trio.open_nursery() as sessions:
-                sessions.start_soon(run, 0, a)
-                sessions.start_soon(run, 1, c)
+            results = await concurrently(b, (a, 8), (c, 8))
             assert torch.equal(results[0], expected[0])
             assert torch.equal(results[1], expected[1])
         nursery.cancel_scope.cancel()
@@ -188,14 +194,7 @@ async def test_evicted_caches_are_rebuilt_by_replaying_the_session(
     async with trio.open_nursery() as nursery:
         await cluster.start(nursery, directory, config)
         async with AsyncButterfly.connect(["mem://w0"], transport=cluster.net, config=FAST) as b:
-            results: dict[int, torch.Tensor] = {}
-
-            async def run(i: int, x: torch.Tensor) -> None:
-                results[i] = await b.generate(x, max_new_tokens=6)
-
-            async with trio.open_nursery() as sessions:
-                sessions.start_soon(run, 0, a)
-                sessions.start_soon(run, 1, c)
+            results = await concurrently(b, (a, 6), (c, 6))
             assert torch.equal(results[0], expected[0])
             assert torch.equal(results[1], expected[1])
             assert sum(w.sessions.evicted for w in cluster.workers) > 0
@@ -273,14 +272,7 @@ async def test_concurrent_sessions_with_batching_on_share_one_session_in_the_pip
     async with trio.open_nursery() as nursery:
         await cluster.start(nursery, directory)
         async with AsyncButterfly.connect(["mem://w0"], transport=cluster.net, config=config) as b:
-            results: dict[int, torch.Tensor] = {}
-
-            async def run(i: int, x: torch.Tensor, new: int) -> None:
-                results[i] = await b.generate(x, max_new_tokens=new)
-
-            async with trio.open_nursery() as sessions:
-                sessions.start_soon(run, 0, a, 3)  # done early: its row idles
-                sessions.start_soon(run, 1, c, 6)
+            results = await concurrently(b, (a, 3), (c, 6))  # a is done early: its row leaves
             assert torch.equal(results[0], expected[:1, :8])
             assert torch.equal(results[1], expected[1:])
             assert b.metrics()["requests_completed"] == 6  # not 3 + 6
@@ -304,14 +296,7 @@ async def test_prompts_of_different_lengths_share_a_session_and_each_equals_its_
         async with AsyncButterfly.connect(
             ["mem://w0"], transport=cluster.net, config=BATCHING
         ) as b:
-            results: dict[int, torch.Tensor] = {}
-
-            async def run(i: int, x: torch.Tensor) -> None:
-                results[i] = await b.generate(x, max_new_tokens=5)
-
-            async with trio.open_nursery() as sessions:
-                sessions.start_soon(run, 0, a)
-                sessions.start_soon(run, 1, c)
+            results = await concurrently(b, (a, 5), (c, 5))
             assert torch.equal(results[0], expected[0])
             assert torch.equal(results[1], expected[1])
             assert b.metrics()["requests_completed"] == 5  # one request per step for both
