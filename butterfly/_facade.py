@@ -181,8 +181,8 @@ class Butterfly:
         timeout: float | None = None,
     ) -> Any:
         """Generate up to ``max_new_tokens`` tokens after ``input_ids`` (``(batch, seq)`` token
-        ids, every row the same length) with a decoder model; returns ``(batch, seq + n)``
-        token ids in the prompt's kind. Greedy unless ``do_sample``; ``seed`` makes sampling
+        ids; negative ids pad rows shorter than others) with a decoder model; returns
+        ``(batch, seq + n)`` token ids in the prompt's kind, the prompt as given. Greedy unless ``do_sample``; ``seed`` makes sampling
         reproducible; rows end at a ``stop`` token (and then repeat it). ``timeout`` bounds
         each step. Each stage keeps the session's KV cache, so a step sends one token.
         """

@@ -9,7 +9,8 @@ the session's tokens: when a worker is lost, or its caches were evicted, the ste
 re-run on the current placement by replaying every token so far, and generation goes
 on as if nothing happened (greedy output is the same). The model's first stage must take
 ``(batch, seq)`` int64 token ids and its last return logits ``(batch, seq', vocab)``
-(the ``hf:`` decoders do). A caller's prompt is unpadded (every row the same length).
+(the ``hf:`` decoders do). Rows of a prompt may differ in length: negative ids are
+padding (on either side), and each row generates what it would alone.
 
 *Continuous batching.* With micro-batching on, generations share a session in the
 pipeline, rows stacked: a session is a rectangle of rows × columns in which ``-1`` marks
@@ -121,10 +122,11 @@ def check_token_ids(ids: object) -> np.ndarray:
         raise ApiError(f"input_ids must have shape (batch, seq) with both ≥ 1, got {array.shape}")
     if array.dtype.kind not in "iu":
         raise ApiError(f"input_ids must hold integers, got dtype {array.dtype}")
-    if (array < 0).any():
+    empty = np.flatnonzero((array < 0).all(axis=1))
+    if empty.size:
         raise ApiError(
-            "input_ids holds negative ids (padding): generation takes unpadded batches, "
-            "every row the same length"
+            f"row {int(empty[0])} of input_ids is all padding (negative ids); every row "
+            "needs at least one token"
         )
     return np.ascontiguousarray(array, dtype=np.int64)
 

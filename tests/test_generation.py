@@ -222,7 +222,11 @@ async def test_numpy_prompt_gives_numpy_tokens_and_stop_ends_generation(
 @pytest.mark.parametrize(
     ("ids", "options", "message"),
     [
-        (torch.tensor([[5, 6, -1]]), {}, "negative ids .padding.: generation takes unpadded"),
+        (
+            torch.tensor([[5, 6, 7], [-1, -1, -1]]),
+            {},
+            r"row 1 of input_ids is all padding \(negative ids\); every row needs at least one",
+        ),
         (torch.ones(1, 3), {}, "input_ids must hold integers, got dtype float32"),
         (torch.ones(3, dtype=torch.int64), {}, r"shape \(batch, seq\) with both ≥ 1, got \(3,\)"),
         ("hello", {}, "input_ids must be a numpy array or torch tensor of token ids, got str"),
@@ -379,4 +383,23 @@ async def test_a_session_that_rows_joined_and_left_is_replayed_exactly_after_evi
             assert b.metrics()["requests_completed"] == 8 + 10  # c rode along a's steps
             assert sum(w.sessions.evicted for w in cluster.workers) > 0
             assert b.metrics()["session_replays"] > 0
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("family", DECODERS)
+async def test_rows_padded_on_either_side_each_generate_what_they_would_alone(
+    family: str, saved: Callable[[str], Path]
+) -> None:
+    directory = saved(family)
+    rows = [prompt(batch=1, seq=n, seed=20 + n)[0].tolist() for n in (6, 3, 4)]
+    padded = torch.tensor([rows[0], [*rows[1], -1, -1, -1], [-1, -1, *rows[2]]])
+    expected = [reference_generate(directory, family, torch.tensor([r]), 5) for r in rows]
+    cluster = Cluster()
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery, directory)
+        async with AsyncButterfly.connect(["mem://w0"], transport=cluster.net, config=FAST) as b:
+            out = await b.generate(padded, max_new_tokens=5)
+            assert torch.equal(out[:, :6], padded)  # the prompt as given, then the new tokens
+            for row, alone in zip(out, expected, strict=True):
+                assert row[6:].tolist() == alone[0, -5:].tolist()
         nursery.cancel_scope.cancel()
