@@ -93,3 +93,36 @@ def test_generation_survives_a_worker_process_killed_mid_session(tmp_path: Path)
     assert torch.equal(torch.cat([ids, torch.stack(steps, dim=1)], dim=1), expected)
     assert stages == 2
     assert replays >= 1  # the caches were rebuilt on the new placement from the kept tokens
+
+
+def test_a_generation_joins_a_running_session_over_worker_processes(tmp_path: Path) -> None:
+    import threading
+
+    from tests.hf_models import save
+    from tests.test_generation import prompt, reference_generate
+
+    directory = save("llama", tmp_path / "llama")
+    first, late = prompt(batch=1, seq=5, seed=30), prompt(batch=1, seq=3, seed=31)
+    # A long first generation: the late one joins it well before it ends, however slow
+    # the machine (its thread starts after 3 of 24 steps).
+    expected = [reference_generate(directory, "llama", x, n) for x, n in ((first, 24), (late, 4))]
+    config = {
+        "partition": {"default_strategy": "uniform"},
+        "scheduling": {"dispatch_batch_size": 4, "max_batch_wait_ms": 5.0},
+    }
+    with (
+        LocalCluster(f"hf:{directory}", workers=3, threads=1) as cluster,
+        Butterfly.connect(cluster.addresses, config=config) as b,
+    ):
+        joined: list[torch.Tensor] = []
+        steps: list[torch.Tensor] = []
+        thread = threading.Thread(target=lambda: joined.append(b.generate(late, max_new_tokens=4)))
+        for tokens in b.stream(first, max_new_tokens=24):
+            steps.append(tokens)
+            if len(steps) == 3:
+                thread.start()
+        thread.join(timeout=60)
+        requests = b.metrics()["requests_completed"]
+    assert torch.equal(torch.cat([first, torch.stack(steps, dim=1)], dim=1), expected[0])
+    assert torch.equal(joined[0], expected[1])
+    assert requests == 24  # the late generation's 4 steps rode along the first one's
