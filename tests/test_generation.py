@@ -18,7 +18,7 @@ import trio.lowlevel
 
 from butterfly import AsyncButterfly
 from butterfly.config import load_config
-from butterfly.errors import ApiError
+from butterfly.errors import ApiError, ComputeError
 from butterfly.model import ModelSource
 from butterfly.transport import MemoryNetwork
 from butterfly.worker import WorkerService
@@ -402,4 +402,18 @@ async def test_rows_padded_on_either_side_each_generate_what_they_would_alone(
             assert torch.equal(out[:, :6], padded)  # the prompt as given, then the new tokens
             for row, alone in zip(out, expected, strict=True):
                 assert row[6:].tolist() == alone[0, -5:].tolist()
+        nursery.cancel_scope.cancel()
+
+
+async def test_generating_beyond_the_context_length_fails_with_its_position(
+    saved: Callable[[str], Path],
+) -> None:
+    cluster = Cluster()  # GPT-2's learned positions end at 32
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery, saved("gpt2"))
+        async with AsyncButterfly.connect(["mem://w0"], transport=cluster.net, config=FAST) as b:
+            with pytest.raises(ComputeError, match="token position 32 is beyond the model's 32"):
+                await b.generate(prompt(batch=1, seq=30), max_new_tokens=5)
+            out = await b.generate(prompt(batch=1), max_new_tokens=2)
+            assert out.shape == (1, 7)
         nursery.cancel_scope.cancel()

@@ -194,6 +194,11 @@ class TokenEmbedding(_Layer):
                 positions = _positions(hidden)
             else:
                 positions = _session_layout(step, mask)[1].positions
+            if positions.numel() and int(positions.max()) >= self.positions.num_embeddings:
+                raise ValueError(
+                    f"token position {int(positions.max())} is beyond the model's "
+                    f"{self.positions.num_embeddings} positions (its context length)"
+                )
             hidden = hidden + self.positions(positions)
         return pack_hidden(hidden, mask)
 
