@@ -56,8 +56,9 @@ class StageRuntime:
         self.in_thread = in_thread
         #: Where generation sessions keep their state between steps (see :mod:`.sessions`).
         self.sessions = sessions or SessionStore.from_config(GenerationConfig())
-        #: How long the last one-token session step took (unknown at first: in a thread).
-        self.step_s = math.inf
+        #: Rows and duration of the last one-token session step (unknown at first: in a
+        #: thread).
+        self.last_step: tuple[int, float] = (0, math.inf)
 
     async def forward(
         self,
@@ -68,7 +69,8 @@ class StageRuntime:
         position: int = 0,
         keep: Sequence[int] = (),
     ) -> WireTensor:
-        """Decode, compute and encode one activation; all of it in the worker thread.
+        """Decode, compute and encode one activation, in a worker thread (or, for a short
+        one-token generation step, on the event loop: see :data:`INLINE_STEP_S`).
 
         ``first`` is the layer to start at (a request resuming from a checkpoint inside
         this stage); by default the stage's first layer. ``session`` makes this a step of
@@ -84,10 +86,13 @@ class StageRuntime:
         compute = functools.partial(self._compute, tensor, skip, session, position, tuple(keep))
         if not self.in_thread:
             return compute()
-        if session is None or position == 0:
+        rows = tensor.shape[0] if tensor.shape else 0
+        if session is None or position == 0 or tuple(tensor.shape[1:2]) != (1,):
             return await trio.to_thread.run_sync(compute, limiter=self.limiter)
-        timed = functools.partial(self._timed, compute)
-        if self.step_s < INLINE_STEP_S:
+        timed = functools.partial(self._timed, compute, rows)
+        # Inline only what is known to be short: no more rows than a step that was.
+        last_rows, last_s = self.last_step
+        if last_s < INLINE_STEP_S and rows <= last_rows:
             try:
                 self.limiter.acquire_nowait()
             except trio.WouldBlock:
@@ -99,12 +104,12 @@ class StageRuntime:
                     self.limiter.release()
         return await trio.to_thread.run_sync(timed, limiter=self.limiter)
 
-    def _timed(self, compute: functools.partial[WireTensor]) -> WireTensor:
+    def _timed(self, compute: functools.partial[WireTensor], rows: int) -> WireTensor:
         begin = time.perf_counter()
         try:
             return compute()
         finally:
-            self.step_s = time.perf_counter() - begin
+            self.last_step = (rows, time.perf_counter() - begin)
 
     def _compute(
         self,

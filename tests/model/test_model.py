@@ -204,17 +204,20 @@ async def test_short_one_token_session_steps_run_on_the_event_loop() -> None:
     loop = threading.get_ident()
     session: SessionKey = ("coordinator", 1, 0, 0)
 
-    async def step(position: int, tokens: int) -> None:
+    async def step(position: int, tokens: int, rows: int = 1) -> None:
         await runtime.forward(
-            torch_to_wire(torch.zeros(1, tokens)), session=session, position=position
+            torch_to_wire(torch.zeros(rows, tokens)), session=session, position=position
         )
 
     await step(0, 4)  # the prompt: a thread
     await step(4, 1)  # the first one-token step: a thread, and timed
     await step(5, 1)  # short: on the loop
+    await step(6, 3, rows=2)  # a newcomer's prompt joins: several tokens, a thread
+    await step(9, 1, rows=2)  # more rows than the step measured: a thread, and timed
+    await step(10, 1, rows=2)  # short for 2 rows: on the loop
     layer.delay = 2 * INLINE_STEP_S
-    await step(6, 1)  # on the loop, but takes too long…
-    await step(7, 1)  # …so the next one goes back to a thread
+    await step(11, 1, rows=2)  # on the loop, but takes too long…
+    await step(12, 1, rows=2)  # …so the next one goes back to a thread
     await runtime.forward(torch_to_wire(torch.zeros(1, 1)))  # not a session step: a thread
     on_loop = [t == loop for t in layer.threads]
-    assert on_loop == [False, False, True, True, False, False]
+    assert on_loop == [False, False, True, False, False, True, True, False, False]
