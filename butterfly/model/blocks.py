@@ -4,7 +4,7 @@ Each block's submodules carry the names of the checkpoint's tensors (``attn.c_at
 ``self_attn.q_proj.weight``, ``attention.self.query.weight`` …), so a block loads a
 ``save_pretrained`` checkpoint's tensors as they are. The operations, their order and the
 attention kernel (``scaled_dot_product_attention``, grouped-query attention through its
-``enable_gqa`` flag when no mask is needed) are those of ``transformers`` 5 with its default
+``enable_gqa`` flag) are those of ``transformers`` 5 with its default
 ``sdpa`` attention: a split model gives the local model's numbers, bitwise on the same
 machine and thread count, which the tests check against ``transformers`` itself.
 
@@ -182,17 +182,10 @@ def attention(
     ``(batch, kv_heads, keys, dim)`` keys and values; ``(batch, seq, heads * dim)``.
 
     Without a mask, causality is the kernel's flag (a single query attends to every key:
-    a decode step), and key/value heads are shared by ``enable_gqa``; with one, they are
-    repeated, as ``transformers`` does.
+    a decode step). Key/value heads are shared by ``enable_gqa``, never copied per query
+    head (``transformers`` repeats them when there is a mask; the result is the same, as
+    the tests check bitwise).
     """
-    extra = {}
-    groups = query.shape[1] // keys.shape[1]
-    if groups > 1:
-        if mask is None:
-            extra["enable_gqa"] = True
-        else:
-            keys = keys.repeat_interleave(groups, dim=1)
-            values = values.repeat_interleave(groups, dim=1)
     out = F.scaled_dot_product_attention(
         query,
         keys,
@@ -200,7 +193,7 @@ def attention(
         attn_mask=mask,
         scale=scale,
         is_causal=causal and mask is None and query.shape[2] > 1,
-        **extra,
+        enable_gqa=query.shape[1] != keys.shape[1],
     )
     batch, _, seq, _ = out.shape
     return out.transpose(1, 2).reshape(batch, seq, -1)

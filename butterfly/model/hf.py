@@ -245,13 +245,14 @@ class DecoderBlock(_Layer):
         self.arch = arch
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
-        hidden, mask = unpack_hidden(packed)
         step = current_step()
         if step is None:
+            hidden, mask = unpack_hidden(packed)
             out = self.block(hidden, _causal_mask(mask), _positions(hidden), None)
         else:
+            # The stage's layout (mask, positions) is made once per step, by its first layer.
             cache, layout = _session_layout(step, packed[..., -1] != 0)
-            out = self.block(hidden, layout.mask, layout.positions, cache)
+            out = self.block(packed[..., :-1], layout.mask, layout.positions, cache)
         return torch.cat((out, packed[..., -1:]), dim=-1)
 
     def flops(self, tokens: int) -> float:
