@@ -564,6 +564,7 @@ class WorkerService:
                     await peer.send(Result(request_id=rid, epoch=activation.epoch, tensor=tensor))
                 return
             first = plan.stages[stage].start
+            checkpoint = None
             if (
                 plan.checkpoint_interval
                 and compute_s >= plan.checkpoint_interval
@@ -571,12 +572,15 @@ class WorkerService:
                 and not activation.session  # a session re-runs by replaying its tokens
             ):
                 # A long request: let its coordinator keep this boundary (see Checkpoint).
-                await peer.send(
-                    Checkpoint(request_id=rid, epoch=activation.epoch, layer=first, tensor=tensor)
+                checkpoint = Checkpoint(
+                    request_id=rid, epoch=activation.epoch, layer=first, tensor=tensor
                 )
                 compute_s = 0.0
             nxt = plan.stages[stage]
-            if nxt.node_id != self.node_id:
+            if nxt.node_id == self.node_id:
+                if checkpoint is not None and peer is not None:
+                    await peer.send(checkpoint)
+            else:
                 link = await self._downstream_link(nxt)
                 await link.send(
                     Activation(
@@ -592,6 +596,9 @@ class WorkerService:
                         tensor=tensor,
                     )
                 )
+                # After the hand-off: the copy for the coordinator is off the critical path.
+                if checkpoint is not None and peer is not None:
+                    await peer.send(checkpoint)
                 return
 
     async def _downstream_link(self, spec: StageSpec) -> Peer:
