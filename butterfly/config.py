@@ -78,7 +78,8 @@ class SchedulingConfig:
     max_retries: int = attrs.field(default=3, validator=v.ge(0))
     #: Seconds after which an attempt that got no answer, no error and lost no worker is
     #: presumed lost on the way (a dropped message) and run again. The effective timeout
-    #: is at least 3× the slowest recent request, so long requests are not re-run early.
+    #: is at least 3× the slowest recent request, and it counts from the attempt's latest
+    #: checkpoint (``coordination.checkpoint_interval``): a long request is not re-run.
     attempt_timeout: float = attrs.field(default=30.0, validator=_positive_seconds)
 
 

@@ -244,6 +244,29 @@ async def test_a_rerun_after_a_loss_resumes_from_the_last_checkpoint(
         nursery.cancel_scope.cancel()
 
 
+async def test_checkpoints_keep_a_request_longer_than_the_attempt_timeout_from_being_rerun() -> (
+    None
+):
+    # sleepy takes 1.5 s; with no word for 0.8 s an attempt is presumed lost. Checkpoints
+    # arrive at about 0.5 s and 1.0 s: each proves the request is still running.
+    config = {
+        **CHECKPOINTS,
+        "scheduling": {"attempt_timeout": 0.8},
+    }
+    net = MemoryNetwork()
+    async with trio.open_nursery() as nursery:
+        for i in range(3):
+            await nursery.start(_cancellable_worker, net, i, "tests.models:sleepy")
+        await trio.sleep(0.05)
+        async with AsyncButterfly.connect(["mem://w0"], transport=net, config=config) as b:
+            x = torch.randn(1, 64)
+            y = await b.infer(x)
+            with torch.inference_mode():
+                torch.testing.assert_close(y, sleepy()(x), rtol=0, atol=0)
+            assert b.metrics()["requests_retried"] == {}
+        nursery.cancel_scope.cancel()
+
+
 def _slow_reference(x: torch.Tensor) -> torch.Tensor:
     from tests.models import slow_mlp
 

@@ -87,6 +87,8 @@ class _Batch:
     error: ButterflyError | None = None
     #: The latest stage boundary a worker sent back for this batch (kept across attempts).
     checkpoint: Checkpoint | None = None
+    #: When the current attempt last showed progress (its start, or its latest checkpoint).
+    progress_at: float = 0.0
 
     @property
     def answered(self) -> bool:
@@ -437,9 +439,12 @@ class SchedulingService:
         return max(self.config.attempt_timeout, _ATTEMPT_TIMEOUT_FACTOR * slowest)
 
     async def _await_outcome(self, batch: _Batch, started: float) -> None:
+        """Until the attempt is answered, its tasks are gone, or nothing was heard of it for
+        the attempt timeout: a checkpoint proves a long request is still running."""
         timeout = self._attempt_timeout()
-        give_up_at = started + timeout
+        batch.progress_at = started
         while not batch.answered:
+            give_up_at = batch.progress_at + timeout
             live = batch.live()
             if not live:
                 return  # every task was cancelled or expired: nobody waits for this batch
@@ -451,7 +456,7 @@ class SchedulingService:
             for task in live:
                 if task.deadline is not None and task.deadline <= now:
                     self._expire(task)
-            if not batch.answered and now >= give_up_at:
+            if not batch.answered and now >= batch.progress_at + timeout:
                 # No answer, no error, no worker lost: a message went missing on the way.
                 batch.error = NetworkError(
                     f"request {batch.request_id} got no answer within {timeout:g} s "
@@ -510,6 +515,7 @@ class SchedulingService:
                 case Checkpoint(request_id=rid, epoch=epoch):
                     if batch := self._attempt_on(rid, epoch):
                         batch.checkpoint = response
+                        batch.progress_at = trio.current_time()  # not lost: still running
                 case Error(request_id=rid):
                     batch = self._batches.get(rid)
                     if batch is not None:
