@@ -392,7 +392,7 @@ class CoordinationService:
             for b in ready:
                 if a is b:
                     continue
-                measured = b.links_in.get(a.address)
+                measured = self._measured(a, b)
                 if measured is not None:
                     links.append((a.node_id, b.node_id, measured))
                 elif a.link is not None and b.link is not None:
@@ -571,15 +571,23 @@ class CoordinationService:
             worker_links=self._measured_links(),
         )
 
+    @staticmethod
+    def _measured(source: _Worker, target: _Worker) -> Link | None:
+        """The link ``target`` measured from ``source``. Reports name the source by the
+        address it advertises, which may differ from the one this coordinator dialled
+        (``localhost`` vs ``127.0.0.1``, a NAT): both are tried."""
+        link = target.links_in.get(source.address)
+        if link is None and source.hello is not None:
+            link = target.links_in.get(source.hello.address)
+        return link
+
     def _measured_links(self) -> tuple[tuple[str, str, Link], ...]:
-        by_address = {w.address: w.node_id for w in self._workers.values() if w.node_id}
-        by_address.update({w.hello.address: w.node_id for w in self._workers.values() if w.hello})
+        ready = [w for w in self._workers.values() if w.state is WorkerState.READY]
         return tuple(
-            (by_address[source], w.node_id, link)
-            for w in self._workers.values()
-            if w.state is WorkerState.READY
-            for source, link in w.links_in.items()
-            if source in by_address
+            (a.node_id, b.node_id, link)
+            for a in ready
+            for b in ready
+            if a is not b and (link := self._measured(a, b)) is not None
         )
 
 
