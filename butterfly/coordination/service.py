@@ -532,11 +532,17 @@ class CoordinationService:
         raise NetworkError(f"worker {node_id!r} is not connected")
 
     async def send_all(self, message: Message) -> None:
-        """Send ``message`` to every connected worker; those that cannot be reached are skipped."""
-        for w in list(self._workers.values()):
-            if w.peer is not None:
-                with contextlib.suppress(ButterflyError):
-                    await w.peer.send(message)
+        """Send ``message`` to every connected worker, all at once: a slow one does not
+        hold up the others; those that cannot be reached are skipped."""
+
+        async def send(peer: Peer) -> None:
+            with contextlib.suppress(ButterflyError):
+                await peer.send(message)
+
+        async with trio.open_nursery() as nursery:
+            for w in list(self._workers.values()):
+                if w.peer is not None:
+                    nursery.start_soon(send, w.peer)
 
     def cluster(self) -> ClusterInfo:
         placement = self._placement

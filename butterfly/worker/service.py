@@ -219,6 +219,8 @@ class WorkerService:
             if self._coordinators.get(origin) is peer:
                 del self._coordinators[origin]
                 self._plans.pop(origin, None)
+                # A reconnecting coordinator (or one whose Ack was lost) hears them again.
+                self._links_reported.pop(origin, None)
                 self._release_unused_stages()
 
     def _watch(
