@@ -140,11 +140,12 @@ class SessionStore:
                 return
             entry.length += tokens
             entry.nbytes = state_bytes(entry.state)
-            while self._bytes() > self.max_bytes and len(self._entries) > 1:
+            total = self._bytes()
+            while total > self.max_bytes and len(self._entries) > 1:
                 oldest = next(iter(self._entries))
                 if oldest == key:
                     break
-                del self._entries[oldest]
+                total -= self._entries.pop(oldest).nbytes
                 self.evicted += 1
 
     def discard(self, key: SessionKey) -> None:
