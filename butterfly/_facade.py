@@ -6,7 +6,6 @@ import concurrent.futures
 import functools
 import os
 from collections.abc import (
-    AsyncGenerator,
     AsyncIterator,
     Awaitable,
     Callable,
@@ -217,10 +216,8 @@ class Butterfly:
         """Start a generation in the trio thread; its steps, pulled one call at a time."""
         refuse_inside_trio("Butterfly.generate")
 
-        async def start() -> tuple[AsyncGenerator[np.ndarray, None], InputKind]:
-            return self._system.stream(input_ids, timeout=timeout, **sampling)
-
-        tokens, kind = self._portal.call(start)
+        start = functools.partial(self._system.stream, input_ids, timeout=timeout, **sampling)
+        tokens, kind = self._portal.call(_sync_to_async(start))
 
         def steps() -> Generator[np.ndarray, None, None]:
             try:

@@ -144,9 +144,9 @@ def next_tokens(
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1:
         ordered, order = logits.sort(dim=-1, descending=True)
-        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+        probabilities = ordered.softmax(dim=-1)
         # Drop a token when the more likely ones already reach top_p (the first always stays).
-        drop = cumulative - ordered.softmax(dim=-1) >= params.top_p
+        drop = probabilities.cumsum(dim=-1) - probabilities >= params.top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
@@ -206,8 +206,6 @@ class _Group:
     members: list[_Member] = attrs.field(factory=list)
     #: Waiting for the next step to join.
     joining: list[_Member] = attrs.field(factory=list)
-    #: Still taking members.
-    open: bool = True
 
     def load(self) -> int:
         """Rows of the generations still running or about to join."""
@@ -276,8 +274,8 @@ class GenerationService:
         """Into the first running session with room for its rows, or a new one."""
         limit = self.config.dispatch_batch_size
         rows = member.prompt.shape[0]
-        group = next((g for g in self._groups if g.open and g.load() + rows <= limit), None)
-        if limit == 1 or group is None:
+        group = next((g for g in self._groups if g.load() + rows <= limit), None)
+        if group is None:
             group = _Group()
             if limit > 1:
                 self._groups.append(group)
@@ -300,7 +298,8 @@ class GenerationService:
                     break
                 if not staying and session.tokens.size:
                     # Everyone before has finished: the newcomers start a session afresh.
-                    await self._end(session)
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._end, session)
                     session = SessionState(
                         session_id=next(_session_ids), tokens=np.zeros((0, 0), np.int64)
                     )
@@ -324,10 +323,12 @@ class GenerationService:
             log.exception("generation session %d failed unexpectedly", session.session_id)
             self._fail(group, SchedulingError(f"generation failed on an internal error: {exc!r}"))
         finally:
-            group.open = False
+            # No longer joinable (a group that is in the list runs, and takes newcomers).
             if group in self._groups:
                 self._groups.remove(group)
             for member in (*group.members, *group.joining):
+                if member.active:  # cancelled (the client is closing): say so, not a short answer
+                    member.deliver(ApiError("the client closed before the generation finished"))
                 member.out.close()
             with trio.CancelScope(shield=True):
                 await self._end(session)
@@ -366,9 +367,12 @@ class GenerationService:
         for member in (*group.members, *group.joining):
             if member.active:
                 member.deliver(error)
+                member.active = False
 
     async def _end(self, session: SessionState) -> None:
         """Free the session's caches on the workers (best effort: they also expire)."""
+        if not session.started:
+            return  # no step was sent: nothing is cached
         with trio.move_on_after(1):
             await self.coordination.send_all(
                 EndSession(session=session.session_id, origin=self.coordination.node_id)
