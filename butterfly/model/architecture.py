@@ -16,11 +16,10 @@ from typing import Any
 import attrs
 
 from ..errors import ModelError
+from .blocks import ACTIVATIONS
 
-__all__ = ["ACTIVATIONS", "Architecture", "Rope", "parse_architecture"]
+__all__ = ["Architecture", "Rope", "parse_architecture"]
 
-#: ``hidden_act`` / ``activation_function`` values the blocks implement.
-ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish")
 _ROPE_TYPES = ("default", "linear", "llama3")
 
 

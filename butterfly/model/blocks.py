@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import attrs
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .architecture import Architecture, Rope
+if TYPE_CHECKING:
+    from .architecture import Architecture, Rope
 
 __all__ = [
+    "ACTIVATIONS",
     "BertBlock",
     "BertEmbeddings",
     "GPT2Block",
@@ -155,7 +157,8 @@ def _gelu_new(x: torch.Tensor) -> torch.Tensor:
     )
 
 
-_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+#: ``hidden_act`` / ``activation_function`` values of ``config.json`` the blocks implement.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
     "gelu_new": _gelu_new,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -166,7 +169,7 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    return _ACTIVATIONS[name]
+    return ACTIVATIONS[name]
 
 
 def attention(

@@ -519,8 +519,6 @@ class _Checkpoint:
                 self.stored.update(_read_header(file))
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise ModelError(f"cannot open weights file {str(file)!r}: {exc}") from exc
-        self.files = {key: s.file for key, s in self.stored.items()}
-        self.shapes = {key: s.shape for key, s in self.stored.items()}
         self._keys_read: list[str] = []
         self._bytes_read = 0
 
@@ -572,9 +570,8 @@ class _Reader:
     def read(self, key: str, dtype: torch.dtype) -> torch.Tensor:
         """The whole tensor in memory of its own, floating point ones cast to ``dtype``.
 
-        safetensors may hand out a view of the memory-mapped file; a layer keeps a copy,
-        so that the bytes its digest was checked on cannot change (or vanish, SIGBUS) when
-        the file is rewritten while the worker runs.
+        The bytes are read into memory of its own (not a memory map), so that what its
+        digest was checked on cannot change when the file is rewritten while the worker runs.
         """
         stored = self._load(key)
         self._count(key, stored, first=True)
@@ -582,7 +579,7 @@ class _Reader:
 
     def chunks(self, key: str, dtype: torch.dtype, max_bytes: int) -> Iterator[torch.Tensor]:
         """The tensor in row blocks of at most ``max_bytes`` (before the cast), each cast to ``dtype``."""
-        shape = self._checkpoint.shapes[key]
+        shape = self._checkpoint.stored[key].shape
         if len(shape) == 0:
             yield self.read(key, dtype)
             return
@@ -774,16 +771,16 @@ class HuggingFaceModel:
                 for new, old in ((".weight", ".gamma"), (".bias", ".beta")):
                     if candidate.endswith(new):
                         candidates.append(candidate[: -len(new)] + old)
-            found = next((c for c in candidates if c in checkpoint.files), None)
+            found = next((c for c in candidates if c in checkpoint.stored), None)
             if found is None:
                 raise ModelError(
                     f"model {self.name!r}: the safetensors files in {str(self.directory)!r} have no "
                     f"tensor {model_key!r} (tried {', '.join(repr(c) for c in candidates)})"
                 )
             expected = tuple(state[name].shape)
-            if checkpoint.shapes[found] != expected:
+            if checkpoint.stored[found].shape != expected:
                 raise ModelError(
-                    f"model {self.name!r}: tensor {found!r} has shape {checkpoint.shapes[found]}, "
+                    f"model {self.name!r}: tensor {found!r} has shape {checkpoint.stored[found].shape}, "
                     f"but config.json makes it {expected}"
                 )
             keys[name] = found
@@ -799,15 +796,14 @@ class HuggingFaceModel:
         plans = self._plans()
         digests = []
         for plan in plans:
-            # Files are opened per layer: their mapped pages leave this process's RSS as
-            # soon as the layer is hashed.
+            # Files are opened per layer and closed once it is hashed.
             with checkpoint.reading() as reader:
                 keys = self._checkpoint_keys(plan)
                 entries = (
                     (
                         name,
                         self._stored_dtype(plan, name),
-                        checkpoint.shapes[keys[name]],
+                        checkpoint.stored[keys[name]].shape,
                         reader.chunks(keys[name], self.dtype, DIGEST_CHUNK_BYTES),
                     )
                     for name in sorted(keys)

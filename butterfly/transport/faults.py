@@ -33,9 +33,7 @@ from ..errors import ConfigError, NetworkError
 from .base import Buffer, Connection, ConnectionHandler
 from .memory import MemoryNetwork
 
-__all__ = ["FAULT_KINDS", "Fault", "FaultyNetwork"]
-
-FAULT_KINDS = ("drop", "duplicate", "reorder", "delay", "partition")
+__all__ = ["Fault", "FaultyNetwork"]
 
 
 @attrs.frozen
