@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import hashlib
 import io
 import json
 import statistics
@@ -65,7 +64,7 @@ from .blocks import (
     StepLayout,
     embedding,
 )
-from .fingerprint import model_fingerprint
+from .fingerprint import TensorChunks, model_fingerprint, streamed_digest
 from .loading import ModelInfo
 from .sessions import Step, current_step
 
@@ -594,27 +593,10 @@ class _Reader:
             yield tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
-def _layer_digest(
-    entries: Iterable[tuple[str, torch.dtype, tuple[int, ...], Iterable[torch.Tensor]]],
-    config: bytes,
-) -> str:
-    """A hex digest of one layer: per tensor (in name order) its name, dtype, shape and bytes;
-    then the model's configuration, which changes the answers as much as the weights do.
-
-    The per-tensor part is :func:`butterfly.model.fingerprint.layer_digest`'s format; the
-    bytes can arrive in row blocks, so that a tensor never needs to be whole in memory.
-    """
-    h = hashlib.blake2b(digest_size=16)
-    for name, dtype, shape, chunks in entries:
-        h.update(f"{name}|{dtype}|{shape}|".encode())
-        for chunk in chunks:
-            if chunk.numel():
-                h.update(
-                    chunk.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data
-                )
-    h.update(b"config|")
-    h.update(config)
-    return h.hexdigest()
+def _layer_digest(entries: Iterable[TensorChunks], config: bytes) -> str:
+    """A layer's digest: its tensors, then the model's configuration, which changes the
+    answers as much as the weights do."""
+    return streamed_digest(entries, b"config|" + config)
 
 
 # -- the model ------------------------------------------------------------------------------
