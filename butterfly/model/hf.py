@@ -40,7 +40,6 @@ import io
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,6 +65,7 @@ from .blocks import (
 )
 from .fingerprint import TensorChunks, model_fingerprint, streamed_digest
 from .loading import ModelInfo
+from .profile import ANALYTIC_MS_PER_PARAM, timed_ms
 from .sessions import Step, current_step
 
 if TYPE_CHECKING:
@@ -99,8 +99,9 @@ PROFILE_TOKENS = 128
 DIGEST_CHUNK_BYTES = 16 << 20
 #: ``config.json`` keys that name where or with what a model was saved, not what it computes.
 _PROVENANCE_KEYS = ("_name_or_path", "transformers_version")
-#: FLOP rate assumed when the device cannot be measured (1 GFLOP/s, as in ``profile.py``).
-_FALLBACK_FLOPS_PER_MS = 1e6
+#: FLOP rate assumed when the device cannot be measured: what ``profile.py`` assumes
+#: (2 FLOPs per parameter in ANALYTIC_MS_PER_PARAM ms), 1 GFLOP/s.
+_FALLBACK_FLOPS_PER_MS = 2 / ANALYTIC_MS_PER_PARAM
 
 
 # -- the tensor that travels between layers ------------------------------------------------
@@ -901,16 +902,8 @@ def _flops_per_ms(device: torch.device, dtype: torch.dtype, hidden: int, tokens:
     try:
         a = torch.randn(tokens, width, device=device).to(dtype)
         b = torch.randn(width, 4 * width, device=device).to(dtype)
-        times = []
         with torch.inference_mode():
-            for _ in range(4):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                begin = time.perf_counter()
-                torch.matmul(a, b)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times.append((time.perf_counter() - begin) * 1000)
+            times = [timed_ms(lambda x: torch.matmul(x, b), a, device)[0] for _ in range(4)]
         ms = statistics.median(times[1:])
     except Exception:
         return _FALLBACK_FLOPS_PER_MS

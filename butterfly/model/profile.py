@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -83,11 +84,11 @@ def profile_layers(
             for layer in model:
                 # The first run warms the layer up (allocations, kernel choice); a slow layer's
                 # first run is already a fair measurement, a fast one gets the median of more.
-                first, y = _timed(layer, x, device)
+                first, y = timed_ms(layer, x, device)
                 times = (
                     [first]
                     if first > SLOW_LAYER_MS
-                    else [_timed(layer, x, device)[0] for _ in range(REPEATS)]
+                    else [timed_ms(layer, x, device)[0] for _ in range(REPEATS)]
                 )
                 if not isinstance(y, torch.Tensor):
                     return _analytic(model)
@@ -104,7 +105,10 @@ def profile_layers(
     return profiles
 
 
-def _timed(layer: nn.Module, x: torch.Tensor, device: torch.device) -> tuple[float, object]:
+def timed_ms(
+    layer: Callable[[torch.Tensor], object], x: torch.Tensor, device: torch.device
+) -> tuple[float, object]:
+    """Milliseconds ``layer(x)`` takes on ``device`` (synchronised), and its output."""
     _sync(device)
     start = time.perf_counter()
     y = layer(x)
