@@ -840,12 +840,9 @@ class HuggingFaceModel:
         return profiles
 
     def build_layers(self, start: int, stop: int) -> nn.Sequential:
-        """Layers ``[start, stop)`` on the device in eval mode; only their tensors are read."""
+        """Layers ``[start, stop)`` (a range :class:`ModelSource` checked) on the device in eval
+        mode; only their tensors are read."""
         info = self.describe()
-        if not 0 <= start < stop <= info.num_layers:
-            raise ModelError(
-                f"layer range [{start}, {stop}) is outside model {self.name!r} ({info.num_layers} layers)"
-            )
         selected = self._plans()[start:stop]
         checkpoint = self._reader_source()
         loaded: dict[str, torch.Tensor] = {}  # one copy of a tensor two layers share (tied)

@@ -167,13 +167,13 @@ class ModelSource:
 
     def build_layers(self, start: int, stop: int) -> nn.Sequential:
         """Materialise layers ``[start, stop)`` on the device, in eval mode, and check their digests."""
-        if (hf := self._hf_model()) is not None:
-            return hf.build_layers(start, stop)
         info = self.describe()
         if not 0 <= start < stop <= info.num_layers:
             raise ModelError(
                 f"layer range [{start}, {stop}) is outside model {self.name!r} ({info.num_layers} layers)"
             )
+        if (hf := self._hf_model()) is not None:
+            return hf.build_layers(start, stop)
         model = self._build_full()
         if self.weights is not None:
             self._load_weights(model, range(start, stop))

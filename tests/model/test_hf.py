@@ -554,3 +554,15 @@ def test_all_minilm_split_matches_sentence_transformers_encode(minilm: Path) -> 
     )
     expected = model.encode(SENTENCES, convert_to_tensor=True)
     assert F.cosine_similarity(got, expected).min() >= 0.9999
+
+
+@pytest.mark.parametrize("bounds", [(0, 6), (3, 3), (-1, 2)])
+def test_a_layer_range_outside_the_model_is_refused(
+    saved: Callable[[str], Path], bounds: tuple[int, int]
+) -> None:
+    source = ModelSource(f"hf:{saved('gpt2')}")
+    with pytest.raises(
+        ModelError,
+        match=rf"layer range \[{bounds[0]}, {bounds[1]}\) is outside model .* \(5 layers\)",
+    ):
+        source.build_layers(*bounds)
