@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 
 VOCAB = 96
@@ -36,7 +35,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def config(family: str, **overrides: Any) -> Any:
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     common = {"vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2}
     if family == "gpt2":
         return transformers.GPT2Config(
@@ -70,7 +70,8 @@ def config(family: str, **overrides: Any) -> Any:
 
 
 def save(family: str, directory: Path, **overrides: Any) -> Path:
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     torch.manual_seed(0)
     model = getattr(transformers, MODEL_CLASSES[family])(config(family, **overrides))
     # Initialised weights are tiny (std 0.02) and biases zero; wider ones exercise more.

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import transformers
 import trio
 import trio.lowlevel
 
@@ -24,8 +25,6 @@ from butterfly.transport import MemoryNetwork
 from butterfly.worker import WorkerService
 from tests.hf_models import MODEL_CLASSES, save
 from tests.inmemory import FAST
-
-transformers = pytest.importorskip("transformers")
 
 DECODERS = ("gpt2", "llama")
 

@@ -226,7 +226,12 @@ async def test_a_rerun_after_a_loss_resumes_from_the_last_checkpoint(
         async with AsyncButterfly.connect(["mem://w0"], transport=net, config=config) as b:
 
             async def kill_last_stage_soon() -> None:
-                await trio.sleep(1.25)  # the request is in the last stage
+                # Once the second stage has computed, the request is in the last stage
+                # (the worker's counter has no event to wait on: poll it, bounded).
+                with trio.fail_after(10):
+                    while scopes[1].service.computed < 1:  # noqa: ASYNC110
+                        await trio.sleep(0.01)
+                await trio.sleep(0.1)
                 scopes[2].cancel()
 
             nursery.start_soon(kill_last_stage_soon)
@@ -247,11 +252,11 @@ async def test_a_rerun_after_a_loss_resumes_from_the_last_checkpoint(
 async def test_checkpoints_keep_a_request_longer_than_the_attempt_timeout_from_being_rerun() -> (
     None
 ):
-    # sleepy takes 1.5 s; with no word for 0.8 s an attempt is presumed lost. Checkpoints
+    # sleepy takes 1.5 s; with no word for 1.2 s an attempt is presumed lost. Checkpoints
     # arrive at about 0.5 s and 1.0 s: each proves the request is still running.
     config = {
         **CHECKPOINTS,
-        "scheduling": {"attempt_timeout": 0.8},
+        "scheduling": {"attempt_timeout": 1.2},
     }
     net = MemoryNetwork()
     async with trio.open_nursery() as nursery:

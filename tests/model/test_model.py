@@ -22,7 +22,7 @@ from butterfly.model import (
     torch_from_wire,
     torch_to_wire,
 )
-from butterfly.model.runtime import INLINE_STEP_S
+from butterfly.model import runtime as runtime_module
 from butterfly.model.sessions import SessionKey
 from butterfly.model.zoo import mlp, small_transformer
 from butterfly.protocol import InputSpec, WireTensor
@@ -191,7 +191,12 @@ class _Threads(nn.Module):
         return x
 
 
-async def test_short_one_token_session_steps_run_on_the_event_loop() -> None:
+async def test_short_one_token_session_steps_run_on_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A threshold far above a preempted thread's delays on a loaded machine, so that only
+    # the slow layer's sleep decides "too long".
+    monkeypatch.setattr(runtime_module, "INLINE_STEP_S", 0.25)
     layer = _Threads()
     runtime = StageRuntime(
         nn.Sequential(layer),
@@ -215,7 +220,7 @@ async def test_short_one_token_session_steps_run_on_the_event_loop() -> None:
     await step(6, 3, rows=2)  # a newcomer's prompt joins: several tokens, a thread
     await step(9, 1, rows=2)  # more rows than the step measured: a thread, and timed
     await step(10, 1, rows=2)  # short for 2 rows: on the loop
-    layer.delay = 2 * INLINE_STEP_S
+    layer.delay = 2 * runtime_module.INLINE_STEP_S
     await step(11, 1, rows=2)  # on the loop, but takes too long…
     await step(12, 1, rows=2)  # …so the next one goes back to a thread
     await runtime.forward(torch_to_wire(torch.zeros(1, 1)))  # not a session step: a thread
