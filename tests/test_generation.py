@@ -23,22 +23,10 @@ from butterfly.errors import ApiError, ComputeError
 from butterfly.model import ModelSource
 from butterfly.transport import MemoryNetwork
 from butterfly.worker import WorkerService
-from tests.hf_models import MODEL_CLASSES, save
+from tests.hf_models import MODEL_CLASSES
 from tests.inmemory import FAST
 
 DECODERS = ("gpt2", "llama")
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    paths: dict[str, Path] = {}
-
-    def get(family: str) -> Path:
-        if family not in paths:
-            paths[family] = save(family, tmp_path_factory.mktemp(family))
-        return paths[family]
-
-    return get
 
 
 def reference_generate(directory: Path, family: str, ids: torch.Tensor, new: int) -> torch.Tensor:

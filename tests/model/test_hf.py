@@ -39,19 +39,6 @@ from tests.hf_models import FAMILIES, MODEL_CLASSES, VARIANTS, VOCAB
 from tests.hf_models import save as _save
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """The directory of a saved tiny model of a family (made once per module)."""
-    made: dict[str, Path] = {}
-
-    def get(family: str) -> Path:
-        if family not in made:
-            made[family] = _save(family, tmp_path_factory.mktemp(family))
-        return made[family]
-
-    return get
-
-
 def _copy(saved: Callable[[str], Path], family: str, tmp_path: Path) -> Path:
     return Path(shutil.copytree(saved(family), tmp_path / family))
 

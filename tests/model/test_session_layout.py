@@ -8,6 +8,7 @@ tests compare each row's logits, step by step, with the row run as a session of 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,18 +17,17 @@ import torch
 from butterfly.model import ModelSource
 from butterfly.model.blocks import KVCache
 from butterfly.model.sessions import Step, stepping
-from tests.hf_models import save
 
 DECODERS = ("gpt2", "llama")
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Any]:
+def model(saved: Callable[[str], Path]) -> Callable[[str], Any]:
     built: dict[str, Any] = {}
 
     def get(family: str) -> Any:
         if family not in built:
-            source = ModelSource(f"hf:{save(family, tmp_path_factory.mktemp(family))}")
+            source = ModelSource(f"hf:{saved(family)}")
             built[family] = source.build_layers(0, source.describe().num_layers)
         return built[family]
 
