@@ -24,7 +24,7 @@ import numpy as np
 
 from butterfly import Butterfly
 
-from .memory import save_model
+from .models import save_model
 
 
 def run_clients(b: Butterfly, prompts: list[np.ndarray], tokens: int, stagger_s: float) -> float:

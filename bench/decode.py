@@ -38,7 +38,7 @@ import torch
 from butterfly import Butterfly
 from butterfly.model.hf import SUPPORTED_DTYPES
 
-from .memory import save_model
+from .models import save_model
 
 
 def load_local(directory: Path, device: str, dtype: torch.dtype) -> Any:
