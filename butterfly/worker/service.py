@@ -227,9 +227,10 @@ class WorkerService:
         self, nursery: trio.Nursery, peer: Peer, hello: Hello, label: str, *, send: bool
     ) -> PhiAccrualDetector:
         """Heartbeats on a long-lived link (see :mod:`butterfly.coordination.liveness`);
-        the side that sends them paces them, so expect its interval (from its Hello)."""
+        the side that sends them paces them (their answers come back at that pace): expect
+        our own interval when we send, the other side's (from its Hello) when it does."""
         cfg = self.config.coordination
-        detector = new_detector(cfg, interval=hello.heartbeat_interval or cfg.heartbeat_interval)
+        detector = new_detector(cfg, interval=None if send else hello.heartbeat_interval)
         nursery.start_soon(
             functools.partial(watch_link, peer, detector, cfg, label=label, send_heartbeats=send)
         )
