@@ -782,10 +782,11 @@ class HuggingFaceModel:
             # Files are opened per layer and closed once it is hashed.
             with checkpoint.reading() as reader:
                 keys = self._checkpoint_keys(plan)
+                state = plan.layer.state_dict(keep_vars=True)
                 entries = (
                     (
                         name,
-                        self._stored_dtype(plan, name),
+                        self.dtype if state[name].is_floating_point() else state[name].dtype,
                         checkpoint.stored[keys[name]].shape,
                         reader.chunks(keys[name], self.dtype, DIGEST_CHUNK_BYTES),
                     )
@@ -804,10 +805,6 @@ class HuggingFaceModel:
         )
         self._info = info
         return info
-
-    def _stored_dtype(self, plan: _LayerPlan, name: str) -> torch.dtype:
-        tensor = plan.layer.state_dict(keep_vars=True)[name]
-        return self.dtype if tensor.is_floating_point() else tensor.dtype
 
     def _profiles(self, plans: list[_LayerPlan]) -> list[LayerProfile]:
         arch, _ = self._load_config()
