@@ -404,3 +404,22 @@ async def test_generating_beyond_the_context_length_fails_with_its_position(
             out = await b.generate(prompt(batch=1), max_new_tokens=2)
             assert out.shape == (1, 7)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_worker_frees_idle_sessions_without_a_step_to_notice_them(
+    saved: Callable[[str], Path],
+) -> None:
+    cluster = Cluster()
+    async with trio.open_nursery() as nursery:
+        await cluster.start(
+            nursery, saved("llama"), {**FAST, "generation": {"session_idle_s": 0.2}}
+        )
+        store = cluster.workers[1].sessions
+        store.begin(("a vanished coordinator", 1, 1, 0), 0, 3)
+        store.commit(("a vanished coordinator", 1, 1, 0), 3)
+        assert store.statistics()["sessions"] == 1
+        with trio.fail_after(5):
+            while store.statistics()["sessions"]:  # noqa: ASYNC110 (a counter, no event)
+                await trio.sleep(0.05)
+        assert store.evicted == 1
+        nursery.cancel_scope.cancel()

@@ -148,6 +148,11 @@ class SessionStore:
                 total -= self._entries.pop(oldest).nbytes
                 self.evicted += 1
 
+    def expire_idle(self) -> None:
+        """Drop sessions idle for ``idle_s`` (a step also does, but none may come)."""
+        with self._lock:
+            self._evict_idle()
+
     def discard(self, key: SessionKey) -> None:
         """A failed step may have left partial state: forget it."""
         with self._lock:

@@ -146,7 +146,15 @@ class WorkerService:
             bound = await nursery.start(self.transport.serve, self.listen, self._handle_connection)
             self.address = self.advertise or bound
             self._learn_peers(tuple(self.peers))  # introduce ourselves to the --peers
+            nursery.start_soon(self._expire_idle_sessions)
             task_status.started(self.address)
+
+    async def _expire_idle_sessions(self) -> None:
+        """Free the caches of sessions idle for ``generation.session_idle_s``, also when no
+        step comes along to notice them (a client that vanished mid-generation)."""
+        while True:
+            await trio.sleep(self.config.generation.session_idle_s / 2)
+            self.sessions.expire_idle()
 
     async def _off_loop(self, fn: Callable[..., T], *args: object) -> T:
         return await trio.to_thread.run_sync(fn, *args) if self.in_threads else fn(*args)
