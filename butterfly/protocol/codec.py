@@ -8,7 +8,7 @@ limit before any array is built on it.
 from __future__ import annotations
 
 import math
-from typing import Final, cast
+from typing import Final
 
 import msgspec
 import numpy as np
@@ -91,7 +91,9 @@ def decode(frame: bytes | bytearray | memoryview, *, max_size: int | None = None
     if max_size is not None and len(frame) > max_size:
         raise ProtocolError(f"frame of {len(frame)} bytes exceeds the limit of {max_size} bytes")
     try:
-        return cast(Message, _decoder.decode(frame))
+        # Annotated, not cast: msgspec releases differ in whether decode() is typed.
+        message: Message = _decoder.decode(frame)
+        return message
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"malformed frame ({len(frame)} bytes): {exc}") from exc
 
