@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 
 from ..errors import ModelError
-from .blocks import ACTIVATIONS
+from .activations import ACTIVATIONS
 
 __all__ = ["Architecture", "Rope", "parse_architecture"]
 

@@ -16,7 +16,7 @@ A block takes hidden states ``(batch, seq, hidden)``, an optional boolean attent
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
 import attrs
@@ -24,11 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .activations import activation
+
 if TYPE_CHECKING:
     from .architecture import Architecture, Rope
 
 __all__ = [
-    "ACTIVATIONS",
     "BertBlock",
     "BertEmbeddings",
     "GPT2Block",
@@ -36,7 +37,6 @@ __all__ = [
     "LlamaBlock",
     "RMSNorm",
     "StepLayout",
-    "activation",
     "attention",
     "embedding",
 ]
@@ -46,7 +46,7 @@ __all__ = [
 class StepLayout:
     """Where a session step's tokens stand in their rows, and what each may attend to."""
 
-    #: The step's first column in the session (see :class:`~butterfly.model.sessions.Step`).
+    #: The step's first column in the session (see :class:`~butterfly.model.stage_sessions.Step`).
     position: int
     #: ``(rows, seq)``: each token's position in its own row, counting real tokens only.
     positions: torch.Tensor
@@ -148,28 +148,6 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in self.layers.values()) + self.real.nbytes
-
-
-def _gelu_new(x: torch.Tensor) -> torch.Tensor:
-    """GPT-2's tanh approximation, written as ``transformers``' ``NewGELUActivation`` writes it."""
-    return (
-        0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
-    )
-
-
-#: ``hidden_act`` / ``activation_function`` values of ``config.json`` the blocks implement.
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu": F.gelu,
-    "gelu_new": _gelu_new,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-}
-
-
-def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    return ACTIVATIONS[name]
 
 
 def attention(
