@@ -3,8 +3,8 @@
 from .fingerprint import layer_digest as layer_digest
 from .fingerprint import model_fingerprint as model_fingerprint
 from .hf import HuggingFaceModel as HuggingFaceModel
+from .info import ModelInfo as ModelInfo
 from .input_spec import infer_input_spec as infer_input_spec
-from .loading import ModelInfo as ModelInfo
 from .loading import ModelSource as ModelSource
 from .loading import import_factory as import_factory
 from .runtime import StageRuntime as StageRuntime

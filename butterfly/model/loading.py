@@ -21,15 +21,15 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from ..protocol import InputSpec, LayerProfile
 from .fingerprint import layer_digest, model_fingerprint
+from .info import ModelInfo
 from .input_spec import infer_input_spec
 from .profile import profile_layers
 
 if TYPE_CHECKING:
     from .hf import HuggingFaceModel
 
-__all__ = ["ModelInfo", "ModelSource", "import_factory"]
+__all__ = ["ModelSource", "import_factory"]
 
 
 def import_factory(path: str) -> Callable[[], nn.Module]:
@@ -56,19 +56,6 @@ def import_factory(path: str) -> Callable[[], nn.Module]:
     return target
 
 
-@attrs.frozen
-class ModelInfo:
-    """What a worker tells the cluster about the model it serves."""
-
-    name: str
-    num_layers: int
-    fingerprint: str
-    layer_digests: tuple[str, ...]
-    input_spec: InputSpec
-    #: Measured on this worker's device at start-up (see :mod:`.profile`).
-    profiles: tuple[LayerProfile, ...] = ()
-
-
 @attrs.define
 class ModelSource:
     """Builds the model, fingerprints it, and materialises contiguous ranges of its layers."""
@@ -89,7 +76,17 @@ class ModelSource:
         if self._hf is None and self.name.startswith("hf:"):
             from .hf import HuggingFaceModel
 
-            self._hf = HuggingFaceModel.of_source(self)
+            if self.weights is not None:
+                raise ModelError(
+                    f"model {self.name!r} reads its weights from its own directory; "
+                    f"drop weights={str(self.weights)!r}"
+                )
+            self._hf = HuggingFaceModel(
+                self.name,
+                dtype=self.dtype or torch.float32,
+                device=self.device,
+                profile=self.profile,
+            )
         elif self._hf is None and self.dtype is not None:
             raise ModelError(f"model {self.name!r}: a dtype applies to hf: models only")
         return self._hf

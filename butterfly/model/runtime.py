@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import GenerationConfig
 from ..protocol import WireTensor
-from .sessions import SessionKey, SessionStore, stepping
+from .stage_sessions import SessionKey, SessionStore, stepping
 from .tensors import torch_from_wire, torch_to_wire
 
 __all__ = ["INLINE_STEP_S", "StageRuntime"]
@@ -54,7 +54,7 @@ class StageRuntime:
         #: False computes on the event loop: only for deterministic simulations in tests,
         #: where a thread's real duration must not decide what happens next.
         self.in_thread = in_thread
-        #: Where generation sessions keep their state between steps (see :mod:`.sessions`).
+        #: Where generation sessions keep their state between steps (see :mod:`.stage_sessions`).
         self.sessions = sessions or SessionStore.from_config(GenerationConfig())
         #: Rows and duration of the last one-token session step (unknown at first: in a
         #: thread).
@@ -75,7 +75,7 @@ class StageRuntime:
         ``first`` is the layer to start at (a request resuming from a checkpoint inside
         this stage); by default the stage's first layer. ``session`` makes this a step of
         a generation session whose tokens start at ``position`` (dimension 1 of the
-        tensor is the sequence): the layers see its state (see :mod:`.sessions`); ``keep``
+        tensor is the sequence): the layers see its state (see :mod:`.stage_sessions`); ``keep``
         (empty: all) names the rows of that state that stay, in order, before the step.
         """
         skip = 0 if first is None else first - self.start

@@ -1,8 +1,8 @@
-"""State that a stage keeps for a generation session between its steps (KV caches).
+"""The stages' half of a generation session: state a stage keeps between its steps (KV caches).
 
 A step of a session runs a stage's layers inside :func:`stepping`, which makes its
 :class:`Step` visible to the layers through a context variable: layers that cache (the
-decoder blocks of :mod:`.hf`) keep their keys and values in ``step.state`` and take
+decoder blocks of :mod:`.hf_layers`) keep their keys and values in ``step.state`` and take
 ``step.position`` as the position of the step's first token. Layers that do not know
 about sessions ignore it, so any model runs in a session (without a cache, slowly).
 

@@ -32,7 +32,7 @@ from ..coordination.liveness import measure_link, new_detector, watch_link
 from ..errors import ButterflyError, ComputeError, CoordinationError, NetworkError, error_kind
 from ..model import ModelInfo, ModelSource, StageRuntime
 from ..model.profile import available_memory
-from ..model.sessions import SessionStore
+from ..model.stage_sessions import SessionStore
 from ..protocol import (
     PROTOCOL_VERSION,
     Ack,

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from butterfly.errors import ModelError
 from butterfly.model import HuggingFaceModel, ModelSource
 from butterfly.model import hf as hf_module
-from butterfly.model.hf import (
+from butterfly.model.hf_layers import (
     DecoderBlock,
     EncoderBlock,
     EncoderEmbedding,

@@ -23,7 +23,7 @@ from butterfly.model import (
     torch_to_wire,
 )
 from butterfly.model import runtime as runtime_module
-from butterfly.model.sessions import SessionKey
+from butterfly.model.stage_sessions import SessionKey
 from butterfly.model.zoo import mlp, small_transformer
 from butterfly.protocol import InputSpec, WireTensor
 

@@ -16,7 +16,7 @@ import torch
 
 from butterfly.model import ModelSource
 from butterfly.model.blocks import KVCache
-from butterfly.model.sessions import Step, stepping
+from butterfly.model.stage_sessions import Step, stepping
 
 DECODERS = ("gpt2", "llama")
 
