@@ -1,4 +1,4 @@
-"""Sessions: tests, lint, typecheck, demo, bench, netns.  ``nox -s tests`` is what CI runs."""
+"""Sessions: tests, lint, typecheck, demo, bench, netns, stress.  ``nox -s tests`` is what CI runs."""
 
 from __future__ import annotations
 
@@ -42,6 +42,17 @@ def quick(session: nox.Session) -> None:
     """The fast loop: everything but the tests that start worker processes."""
     install(session, "test")
     session.run("pytest", "-m", "not slow", *session.posargs)
+
+
+@nox.session
+def stress(session: nox.Session) -> None:
+    """The suite N times, threads 1 and 2, loaded and not, shuffled; reports each flake's rate.
+
+    Not in CI (10 runs take about an hour on 2 cores). ``nox -s stress -- --runs 4 -- tests/model``
+    passes options to ``python -m tests.stress`` (``-- --help`` lists them).
+    """
+    install(session, "test", "stress")
+    session.run("python", "-m", "tests.stress", *session.posargs)
 
 
 @nox.session
