@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import trio
 
@@ -10,6 +12,7 @@ from butterfly.model import ModelSource
 from butterfly.model.zoo import mlp
 from butterfly.transport import MemoryNetwork
 from butterfly.worker import WorkerService
+from tests.waiting import wait_until
 
 # Uniform placement: these tests check where layers go, not how well the planner chooses.
 FAST = {
@@ -38,8 +41,15 @@ async def start_workers(
         )
         await nursery.start(worker.run)
         workers.append(worker)
-    await trio.sleep(0.05)  # let the announcements land
+    await acquainted(workers)
     return workers
+
+
+async def acquainted(workers: Sequence[WorkerService]) -> None:
+    """Wait until worker 0, which a coordinator dials, knows every other worker: the
+    announcements have landed, so the coordinator discovers the whole cluster."""
+    others = {w.address for w in workers[1:]}
+    await wait_until(lambda: others <= set(workers[0].peers), what="worker 0 knows its peers")
 
 
 def local_forward(x: torch.Tensor) -> torch.Tensor:

@@ -29,8 +29,9 @@ from butterfly.model import ModelSource
 from butterfly.transport import MemoryNetwork
 from butterfly.types import WorkerState
 from butterfly.worker import WorkerService
-from tests.inmemory import FAST, local_forward, start_workers
+from tests.inmemory import FAST, acquainted, local_forward, start_workers
 from tests.models import heavy_ends, sleepy
+from tests.waiting import wait_until
 
 
 async def test_infer_through_three_workers_equals_the_local_forward() -> None:
@@ -135,9 +136,11 @@ async def test_request_past_its_timeout_fails_and_is_cancelled_on_the_workers() 
         async with AsyncButterfly.connect(["mem://w0"], transport=net, config=FAST) as b:
             with pytest.raises(RequestTimeout, match=r"did not complete within 0.3 s"):
                 await b.infer(torch.zeros(1, 64), timeout=0.3)
-            await trio.sleep(0.1)
-            # Every worker of the placement was told to drop request 1.
-            assert all(any(rid == 1 for _, rid in w._cancelled) for w in workers)
+            # Every worker of the placement is told to drop request 1.
+            await wait_until(
+                lambda: all(any(rid == 1 for _, rid in w._cancelled) for w in workers),
+                what="every worker cancelled request 1",
+            )
         nursery.cancel_scope.cancel()
 
 
@@ -146,12 +149,8 @@ async def test_full_queue_raises_scheduling_error_at_once() -> None:
     config = {**FAST, "scheduling": {"max_queue_size": 1}}
     async with trio.open_nursery() as nursery:
         await start_workers(nursery, net, "tests.models:slow_mlp", n=2)
-        async with (
-            AsyncButterfly.connect(["mem://w0"], transport=net, config=config) as b,
-            trio.open_nursery() as requests,
-        ):
-            requests.start_soon(b.infer, torch.zeros(1, 64))
-            await trio.sleep(0.1)
+        async with AsyncButterfly.connect(["mem://w0"], transport=net, config=config) as b:
+            await b.submit(torch.zeros(1, 64))  # admitted when submit returns
             with pytest.raises(
                 SchedulingError, match=r"queue full: 1 requests .*max_queue_size = 1"
             ):
@@ -163,11 +162,12 @@ async def test_a_request_whose_worker_is_lost_completes_on_the_survivors() -> No
     net = MemoryNetwork()
     async with trio.open_nursery() as nursery:
         scopes = [await nursery.start(_cancellable_worker, net, i) for i in range(3)]
-        await trio.sleep(0.05)
+        await acquainted([s.service for s in scopes])
         async with AsyncButterfly.connect(["mem://w0"], transport=net, config=FAST) as b:
 
             async def kill_middle_soon() -> None:
-                await trio.sleep(0.3)  # the request is sleeping in the middle stage
+                # Stage 0 has computed: the request is in the middle stage's 1.5 s pause.
+                await wait_until(lambda: scopes[0].service.computed == 1, what="stage 0 computed")
                 scopes[1].cancel()
 
             nursery.start_soon(kill_middle_soon)
@@ -190,11 +190,11 @@ async def test_without_retries_a_lost_worker_fails_its_request() -> None:
     config = {**FAST, "scheduling": {"max_retries": 0}}
     async with trio.open_nursery() as nursery:
         scopes = [await nursery.start(_cancellable_worker, net, i) for i in range(3)]
-        await trio.sleep(0.05)
+        await acquainted([s.service for s in scopes])
         async with AsyncButterfly.connect(["mem://w0"], transport=net, config=config) as b:
 
             async def kill_middle_soon() -> None:
-                await trio.sleep(0.3)
+                await wait_until(lambda: scopes[0].service.computed == 1, what="stage 0 computed")
                 scopes[1].cancel()
 
             nursery.start_soon(kill_middle_soon)
@@ -222,16 +222,18 @@ async def test_a_rerun_after_a_loss_resumes_from_the_last_checkpoint(
             await nursery.start(_cancellable_worker, net, i, "tests.models:sleepy")
             for i in range(3)
         ]
-        await trio.sleep(0.05)
+        await acquainted([s.service for s in scopes])
         async with AsyncButterfly.connect(["mem://w0"], transport=net, config=config) as b:
 
             async def kill_last_stage_soon() -> None:
-                # Once the second stage has computed, the request is in the last stage
-                # (the worker's counter has no event to wait on: poll it, bounded).
-                with trio.fail_after(10):
-                    while scopes[1].service.computed < 1:  # noqa: ASYNC110
-                        await trio.sleep(0.01)
-                await trio.sleep(0.1)
+                # Once the second stage has computed, the request is in the last stage;
+                # with checkpoints on, kill it once the coordinator holds layer 4's input.
+                await wait_until(lambda: scopes[1].service.computed >= 1, what="stage 1 computed")
+                if resumed_at:
+                    await wait_until(
+                        lambda: _checkpoint_layers(b) == {resumed_at},
+                        what=f"the coordinator holds the checkpoint of layer {resumed_at}",
+                    )
                 scopes[2].cancel()
 
             nursery.start_soon(kill_last_stage_soon)
@@ -260,9 +262,11 @@ async def test_checkpoints_keep_a_request_longer_than_the_attempt_timeout_from_b
     }
     net = MemoryNetwork()
     async with trio.open_nursery() as nursery:
-        for i in range(3):
+        scopes = [
             await nursery.start(_cancellable_worker, net, i, "tests.models:sleepy")
-        await trio.sleep(0.05)
+            for i in range(3)
+        ]
+        await acquainted([s.service for s in scopes])
         async with AsyncButterfly.connect(["mem://w0"], transport=net, config=config) as b:
             x = torch.randn(1, 64)
             y = await b.infer(x)
@@ -270,6 +274,12 @@ async def test_checkpoints_keep_a_request_longer_than_the_attempt_timeout_from_b
                 torch.testing.assert_close(y, sleepy()(x), rtol=0, atol=0)
             assert b.metrics()["requests_retried"] == {}
         nursery.cancel_scope.cancel()
+
+
+def _checkpoint_layers(b: AsyncButterfly) -> set[int]:
+    """The layers whose inputs the coordinator holds as checkpoints of running requests."""
+    batches = b._system.scheduling._batches.values()
+    return {batch.checkpoint.layer for batch in batches if batch.checkpoint is not None}
 
 
 def _slow_reference(x: torch.Tensor) -> torch.Tensor:
@@ -347,14 +357,15 @@ async def test_closing_drains_a_request_in_flight() -> None:
     net = MemoryNetwork()
     results: list[torch.Tensor] = []
     async with trio.open_nursery() as nursery:
-        await start_workers(nursery, net, "tests.models:slow_mlp", n=2)
+        workers = await start_workers(nursery, net, "tests.models:slow_mlp", n=2)
         async with AsyncButterfly.connect(["mem://w0"], transport=net, config=FAST) as b:
 
             async def request() -> None:
                 results.append(await b.infer(torch.zeros(1, 64)))
 
             nursery.start_soon(request)
-            await trio.sleep(0.2)
+            # In flight: past stage 0, in stage 1's 1.5 s pause when the client closes.
+            await wait_until(lambda: workers[0].computed == 1, what="stage 0 computed")
         assert len(results) == 1
         nursery.cancel_scope.cancel()
 
@@ -377,7 +388,7 @@ async def test_a_worker_that_comes_back_is_used_again_in_a_new_placement() -> No
     net = MemoryNetwork()
     async with trio.open_nursery() as nursery:
         scopes = [await nursery.start(_cancellable_worker, net, i) for i in range(3)]
-        await trio.sleep(0.05)
+        await acquainted([s.service for s in scopes])
         async with AsyncButterfly.connect(["mem://w0"], transport=net, config=FAST) as b:
             scopes[2].cancel()
             with trio.fail_after(10):
@@ -440,6 +451,7 @@ async def test_when_the_survivors_cannot_hold_the_model_requests_fail_with_parti
     config = load_config({**FAST, "partition": {"default_strategy": "topology_aware"}})
     async with trio.open_nursery() as nursery:
         scopes = []
+        services: list[WorkerService] = []
         for i in range(3):
             scope = trio.CancelScope()
             worker = WorkerService(
@@ -452,7 +464,9 @@ async def test_when_the_survivors_cannot_hold_the_model_requests_fail_with_parti
             )
             nursery.start_soon(_run_in, scope, worker)
             scopes.append(scope)
-        await trio.sleep(0.5)
+            services.append(worker)
+        await wait_until(lambda: all(w.address for w in services), what="the workers serve")
+        await acquainted(services)
         async with AsyncButterfly.connect(["mem://w0"], transport=net, config=config) as b:
             x = torch.randn(1, 64)
             torch.testing.assert_close(await b.infer(x), local_forward(x), rtol=0, atol=0)
@@ -555,7 +569,7 @@ async def test_a_lost_worker_is_replaced_in_the_placement_without_waiting_for_a_
     net = MemoryNetwork()
     async with trio.open_nursery() as nursery:
         scopes = [await nursery.start(_cancellable_worker, net, i) for i in range(3)]
-        await trio.sleep(0.05)
+        await acquainted([s.service for s in scopes])
         async with AsyncButterfly.connect(["mem://w0"], transport=net, config=FAST) as b:
             lost = scopes[2].service.node_id
             scopes[2].cancel()

@@ -11,6 +11,7 @@ from butterfly import AsyncButterfly, TaskStatus
 from butterfly.errors import ApiError, ComputeError, RequestTimeout, SchedulingError
 from butterfly.transport import MemoryNetwork
 from tests.inmemory import FAST, local_forward, start_workers
+from tests.waiting import wait_until
 
 
 def config(**scheduling: object) -> dict[str, object]:
@@ -25,7 +26,7 @@ async def test_priority_policy_runs_higher_priority_first() -> None:
         cfg = config(scheduler_type="priority", max_in_flight=1)
         async with AsyncButterfly.connect(["mem://w0"], transport=net, config=cfg) as b:
             blocker = await b.submit(torch.zeros(1, 64))  # occupies the only slot
-            await trio.sleep(0.1)
+            await wait_until(lambda: blocker.status() is TaskStatus.RUNNING, what="blocker runs")
             handles = {
                 name: await b.submit(torch.zeros(1, 64), priority=p)
                 for name, p in [("low", 0), ("high", 9), ("mid", 5)]
@@ -73,8 +74,8 @@ async def test_task_moves_from_queued_to_running_to_completed() -> None:
         ) as b:
             first = await b.submit(torch.zeros(1, 64))
             second = await b.submit(torch.zeros(1, 64))
-            await trio.sleep(0.1)
-            assert (first.status(), second.status()) == (TaskStatus.RUNNING, TaskStatus.QUEUED)
+            await wait_until(lambda: first.status() is TaskStatus.RUNNING, what="first runs")
+            assert second.status() is TaskStatus.QUEUED
             await second.result()
             assert (first.status(), second.status()) == (TaskStatus.COMPLETED, TaskStatus.COMPLETED)
         nursery.cancel_scope.cancel()
@@ -89,7 +90,7 @@ async def test_cancel_while_queued_means_it_never_runs() -> None:
         ) as b:
             running = await b.submit(torch.zeros(1, 64))
             queued = await b.submit(torch.zeros(1, 64))
-            await trio.sleep(0.1)
+            await wait_until(lambda: running.status() is TaskStatus.RUNNING, what="first runs")
             assert queued.cancel() is True
             assert queued.status() is TaskStatus.CANCELLED
             with pytest.raises(ApiError, match=f"task {queued.task_id} was cancelled"):
@@ -106,10 +107,12 @@ async def test_cancel_while_running_stops_the_remaining_stages_on_the_workers() 
         w0, w1, w2 = await start_workers(nursery, net, "tests.models:slow_mlp", n=3)
         async with AsyncButterfly.connect(["mem://w0"], transport=net, config=FAST) as b:
             handle = await b.submit(torch.zeros(1, 64))
-            await trio.sleep(0.3)  # stage 0 is done; stage 1 sleeps 1.5 s
+            # Stage 0 is done: the request is in stage 1's 1.5 s pause.
+            await wait_until(lambda: w0.computed == 1, what="stage 0 computed")
             assert handle.status() is TaskStatus.RUNNING
             assert handle.cancel() is True
-            await trio.sleep(1.6)
+            # Stage 1 finishes its pause, finds the request cancelled, and drops it.
+            await wait_until(lambda: w1.dropped == 1, what="stage 1 dropped the request")
             assert (w0.computed, w1.computed, w2.computed) == (1, 1, 0)
             assert w1.dropped == 1
             assert handle.cancel() is False  # already final
