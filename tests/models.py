@@ -13,7 +13,7 @@ from torch import nn
 
 from butterfly.model.zoo import mlp, seeded, small_transformer
 
-__all__ = ["mlp", "raising", "random_mlp", "slow_mlp", "small_transformer"]
+__all__ = ["gated_mlp", "mlp", "raising", "random_mlp", "slow_mlp", "small_transformer"]
 
 
 class Sleep(nn.Module):
@@ -41,6 +41,32 @@ def slow_mlp() -> nn.Sequential:
     """``mlp`` with a 1.5 s pause in the middle stage (layers 2..3 of 6 on 3 workers)."""
     base = mlp()
     return nn.Sequential(base[0], base[1], Sleep(1.5), base[2], base[3], base[4])
+
+
+#: Inputs whose first element is this value wait at the gate of ``gated_mlp``.
+GATED = 1234.5
+
+
+class Gate(nn.Module):
+    """Holds inputs whose first element is ``GATED`` until the file named by the
+    BUTTERFLY_TEST_GATE environment variable exists (at most 60 s); passes the rest at once.
+
+    A request is then in flight for exactly as long as the test wants, whatever the load,
+    instead of for a fixed time that a slow machine may outrun.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = os.environ.get("BUTTERFLY_TEST_GATE")
+        if gate and x.numel() and float(x.reshape(-1)[0]) == GATED:
+            deadline = time.monotonic() + 60
+            while not os.path.exists(gate) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return x
+
+
+def gated_mlp() -> nn.Sequential:
+    """``mlp`` behind a :class:`Gate` (on the first stage)."""
+    return nn.Sequential(Gate(), *mlp())
 
 
 def throttled() -> nn.Sequential:

@@ -281,20 +281,29 @@ def test_local_refuses_a_model_worker_processes_cannot_import() -> None:
         Butterfly.local(lambda: mlp(), workers=1)
 
 
-def test_ctrl_c_while_waiting_cancels_the_request_and_the_client_keeps_serving() -> None:
-    with Butterfly.local("tests.models:slow_mlp", workers=2) as b:
+def test_ctrl_c_while_waiting_cancels_the_request_and_the_client_keeps_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.models import GATED, gated_mlp
+
+    gate = tmp_path / "gate"  # the request waits at stage 0 until this file exists
+    monkeypatch.setenv("BUTTERFLY_TEST_GATE", str(gate))
+    with Butterfly.local("tests.models:gated_mlp", workers=2) as b:
         main = threading.main_thread().ident
         assert main == threading.get_ident()
         timer = threading.Timer(0.3, lambda: signal.pthread_kill(main, signal.SIGINT))
         timer.start()
-        start = time.monotonic()
-        with pytest.raises(KeyboardInterrupt):
-            b.infer(torch.zeros(1, 64))
-        assert time.monotonic() - start < 1.4  # interrupted, not waited out (the model takes 1.5 s)
+        held = torch.zeros(1, 64)
+        held[0, 0] = GATED
+        try:
+            # The request cannot finish before the gate opens: only Ctrl-C ends this wait.
+            with pytest.raises(KeyboardInterrupt):
+                b.infer(held)
+        finally:
+            timer.join()
+            gate.touch()
         x = torch.randn(1, 64)
-        from tests.models import slow_mlp
-
-        torch.testing.assert_close(b.infer(x), local_forward(slow_mlp(), x), rtol=0, atol=0)
+        torch.testing.assert_close(b.infer(x), local_forward(gated_mlp(), x), rtol=0, atol=0)
         assert b.metrics()["requests_failed"] == {"cancelled": 1}
 
 
