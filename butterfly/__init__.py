@@ -13,6 +13,7 @@ from ._local import LocalCluster as LocalCluster
 from .config import ButterflyConfig as ButterflyConfig
 from .config import load_config as load_config
 from .errors import ApiError as ApiError
+from .errors import AuthenticationError as AuthenticationError
 from .errors import ButterflyError as ButterflyError
 from .errors import ComputeError as ComputeError
 from .errors import ConfigError as ConfigError

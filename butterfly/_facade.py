@@ -25,6 +25,7 @@ from ._inputs import InputKind, check_timeout, from_wire, tokens_as
 from ._local import LocalCluster
 from ._portal import Portal, refuse_inside_trio
 from .config import ButterflyConfig, load_config
+from .credentials import generate_secret, load_secret
 from .errors import ApiError, ButterflyError, RequestTimeout
 from .generation import check_token_ids
 from .scheduling import InferenceTask, TaskStatus
@@ -85,18 +86,24 @@ class Butterfly:
         config: ConfigSource = None,
         timeout: float | None = None,
         transport: Transport | None = None,
+        secret: str | bytes | None = None,
     ) -> Butterfly:
         """Discover the cluster from ``peers``, place the model, and return a ready client.
 
-        Raises ``NetworkError`` naming the addresses tried when no worker answers, and
+        ``secret`` is the cluster's shared secret (default: the file ``network.secret_file``
+        names, else the ``BUTTERFLY_SECRET`` environment variable, else none).
+
+        Raises ``NetworkError`` naming the addresses tried when no worker answers,
+        ``AuthenticationError`` when none accepts this client's secret (or lack of one), and
         ``FingerprintMismatch`` when the workers hold different weights.
         """
         refuse_inside_trio("Butterfly.connect")
         cfg = load_config(config)
+        key = load_secret(secret, secret_file=cfg.network.secret_file)
         transport = transport or WebsocketTransport(cfg.network)
         seeds = _check_peers(peers, transport)
         check_timeout(timeout, "timeout")
-        system = ButterflySystem(seeds, config=cfg, transport=transport)
+        system = ButterflySystem(seeds, config=cfg, transport=transport, secret=key)
         portal = Portal()
         portal.start(system.run, timeout=timeout or cfg.api.connect_timeout)
         return cls(portal, system)
@@ -115,11 +122,14 @@ class Butterfly:
 
         ``worker_options`` are those of :class:`~butterfly._local.LocalCluster`
         (``weights``, ``threads``, ``device``). The processes stop when the client closes.
+        They and this client share a random secret made for them (unless ``secret`` is
+        among ``worker_options``): nothing else on the machine can use the workers.
         """
         refuse_inside_trio("Butterfly.local")
-        cluster = LocalCluster(model, workers, **worker_options)
+        secret = worker_options.pop("secret", None) or generate_secret()
+        cluster = LocalCluster(model, workers, secret=secret, **worker_options)
         try:
-            client = cls.connect(cluster.addresses, config=config, timeout=timeout)
+            client = cls.connect(cluster.addresses, config=config, timeout=timeout, secret=secret)
         except BaseException:
             cluster.close()
             raise
@@ -342,12 +352,14 @@ class AsyncButterfly:
         config: ConfigSource = None,
         timeout: float | None = None,
         transport: Transport | None = None,
+        secret: str | bytes | None = None,
     ) -> AsyncIterator[AsyncButterfly]:
         cfg = load_config(config)
+        key = load_secret(secret, secret_file=cfg.network.secret_file)
         transport = transport or WebsocketTransport(cfg.network)
         seeds = _check_peers(peers, transport)
         check_timeout(timeout, "timeout")
-        system = ButterflySystem(seeds, config=cfg, transport=transport)
+        system = ButterflySystem(seeds, config=cfg, transport=transport, secret=key)
         try:
             async with trio.open_nursery() as nursery:
                 try:

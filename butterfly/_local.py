@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from .credentials import SECRET_ENV
 from .errors import ApiError, NetworkError
 
 __all__ = ["LocalCluster", "WorkerProcess", "model_import_path"]
@@ -168,7 +169,10 @@ class LocalCluster:
         startup_timeout: float = 120.0,
         extra_args: Sequence[str] = (),
         worker_env: Sequence[Mapping[str, str]] = (),
+        secret: str | None = None,
     ) -> None:
+        """``secret``: the workers' shared secret (passed in their environment, never on
+        their command line, which any user of the machine can read)."""
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise ApiError(f"workers must be a positive integer, got {workers!r}")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
@@ -183,6 +187,7 @@ class LocalCluster:
             self.options += ["--config", os.fspath(config)]
         self.options += list(extra_args)
         self.host = host
+        self.secret = secret
         self.startup_timeout = startup_timeout
         self.processes: list[WorkerProcess] = []
         envs = [dict(e) for e in worker_env] + [{}] * (workers - len(worker_env))
@@ -210,7 +215,8 @@ class LocalCluster:
         args = ["--listen", listen or f"{self.host}:0", *self.options]
         if peers:
             args += ["--peers", ",".join(peers)]
-        proc = WorkerProcess(args, env={**os.environ, **env} if env else None)
+        extra = {**(env or {}), **({SECRET_ENV: self.secret} if self.secret else {})}
+        proc = WorkerProcess(args, env={**os.environ, **extra} if extra else None)
         self.processes.append(proc)
         if wait:
             proc.wait_ready(self.startup_timeout)

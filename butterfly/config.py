@@ -146,6 +146,10 @@ class NetworkConfig:
     reconnect_initial_delay: float = attrs.field(default=0.1, validator=_positive_seconds)
     #: Largest backoff delay in seconds.
     reconnect_max_delay: float = attrs.field(default=5.0, validator=_positive_seconds)
+    #: File holding the cluster's shared secret (at least 16 bytes; surrounding whitespace
+    #: is ignored). Every node proves it to every other before any message is decoded, and
+    #: every frame is then authenticated. Empty: ``BUTTERFLY_SECRET``, else no authentication.
+    secret_file: str = ""
 
 
 @attrs.frozen

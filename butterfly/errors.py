@@ -10,6 +10,7 @@ catches exactly the failures of the transport layer::
     ├── ConfigError           invalid configuration (names the key)
     ├── ProtocolError         malformed or unexpected bytes from a peer
     ├── NetworkError          a peer is unreachable or its link broke
+    │   └── AuthenticationError  a peer did not prove the shared secret, or a frame failed its MAC
     ├── CoordinationError     the cluster cannot agree (e.g. weight fingerprints differ)
     │   └── FingerprintMismatch
     ├── PartitionError        no placement of the model is possible
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 __all__ = [
     "ApiError",
+    "AuthenticationError",
     "ButterflyError",
     "ComputeError",
     "ConfigError",
@@ -63,6 +65,10 @@ class NetworkError(ButterflyError):
     """A peer could not be reached, or a link to it broke."""
 
 
+class AuthenticationError(NetworkError):
+    """A peer did not prove the shared secret, or a frame from it failed its integrity check."""
+
+
 class CoordinationError(ButterflyError):
     """The cluster cannot be brought into a consistent state."""
 
@@ -93,6 +99,7 @@ ERROR_KINDS: dict[str, type[ButterflyError]] = {
     "config": ConfigError,
     "protocol": ProtocolError,
     "network": NetworkError,
+    "authentication": AuthenticationError,
     "coordination": CoordinationError,
     "fingerprint": FingerprintMismatch,
     "partition": PartitionError,

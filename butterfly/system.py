@@ -40,6 +40,7 @@ class ButterflySystem:
         *,
         config: ButterflyConfig,
         transport: Transport | None = None,
+        secret: bytes | None = None,
     ) -> None:
         self.config = config
         self.transport = transport or WebsocketTransport(config.network)
@@ -53,6 +54,7 @@ class ButterflySystem:
             metrics=self.metrics,
             partition=self.partition,
             responses=send,
+            secret=secret,
         )
         self.scheduling = SchedulingService(
             config.scheduling,

@@ -24,6 +24,7 @@ from .._errors import unwrap_groups
 from ..config import ButterflyConfig
 from ..errors import (
     ERROR_KINDS,
+    AuthenticationError,
     ButterflyError,
     CoordinationError,
     FingerprintMismatch,
@@ -102,6 +103,8 @@ class _Worker:
     hello: Hello | None = None
     peer: Peer | None = None
     reason: str = ""
+    #: The last attempt failed authentication (a wrong or missing secret on one side).
+    unauthenticated: bool = False
     first_attempt: trio.Event = attrs.field(factory=trio.Event)
     detector: PhiAccrualDetector | None = None
     #: Pings waiting for their Ack, by sequence number.
@@ -132,8 +135,10 @@ class CoordinationService:
         partition: PartitionService,
         responses: trio.MemorySendChannel[Response],
         node_id: str | None = None,
+        secret: bytes | None = None,
     ) -> None:
         self.seeds = seeds
+        self.secret = secret
         self.transport = transport
         self.config = config
         self.metrics = metrics
@@ -192,6 +197,8 @@ class CoordinationService:
             tried = "; ".join(
                 f"{w.address} ({w.reason or 'unreachable'})" for w in self._workers.values()
             )
+            if all(w.unauthenticated for w in self._workers.values()):
+                raise AuthenticationError(f"no worker accepted this client: {tried}")
             raise NetworkError(f"no worker reachable; tried {tried}")
         groups: dict[tuple[str, str], list[_Worker]] = {}
         for w in ready:
@@ -241,6 +248,7 @@ class CoordinationService:
                 failures = 0
             except ButterflyError as exc:
                 reason = str(exc)
+                worker.unauthenticated = isinstance(exc, AuthenticationError)
                 failures += 1
             except Exception as exc:
                 # A bug on one link must not take the client down: log it, treat it as a failure.
@@ -249,6 +257,7 @@ class CoordinationService:
                 failures += 1
             else:
                 reason = "connection closed"
+                worker.unauthenticated = False
             finally:
                 worker.peer = None
                 worker.first_attempt.set()
@@ -277,7 +286,7 @@ class CoordinationService:
 
     async def _connect_and_serve(self, worker: _Worker) -> None:
         net = self.config.network
-        async with dial_peer(self.transport, worker.address, net) as peer:
+        async with dial_peer(self.transport, worker.address, net, secret=self.secret) as peer:
             check = Handshake(self._hello(), expect_roles=frozenset({"worker"}))
             hello = await peer.handshake(self._hello(), check, timeout=net.connect_timeout)
             if self._fingerprint and (hello.fingerprint, hello.model_name) != (

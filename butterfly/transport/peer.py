@@ -5,6 +5,10 @@ Every long-lived connection (coordinator→worker, worker→worker link) is wrap
 written, a send is written at once by the sending task (two scheduler passes fewer on a
 small message); otherwise it joins a bounded queue drained by one task, so a slow peer
 makes its senders wait (backpressure) instead of growing memory.
+
+With a shared secret, the handshake first runs the challenge–response of
+:mod:`butterfly.protocol.auth`; from then on every frame carries a tag (sequence number and
+MAC) and a frame whose tag is wrong closes the connection (``AuthenticationError``).
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from contextlib import asynccontextmanager
 import trio
 
 from ..config import NetworkConfig
-from ..errors import NetworkError, ProtocolError
-from ..protocol import Handshake, Hello, Message, decode, encode, encode_parts
+from ..errors import AuthenticationError, NetworkError, ProtocolError
+from ..protocol import Handshake, Hello, Message, decode, encode_parts
+from ..protocol.auth import TAG_BYTES, Authenticator, FrameSeal, is_offer
 from .base import Buffer, Connection, Transport
 from .retry import dial
 
@@ -26,10 +31,23 @@ __all__ = ["Peer", "dial_peer", "open_peer"]
 class Peer:
     """Typed messages over a :class:`Connection`. Create it with :func:`open_peer`."""
 
-    def __init__(self, conn: Connection, *, max_message_size: int, send_queue_size: int) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        *,
+        max_message_size: int,
+        send_queue_size: int,
+        secret: bytes | None = None,
+        dialer: bool = False,
+    ) -> None:
         self.conn = conn
         self.max_message_size = max_message_size
         self.hello: Hello | None = None
+        self._secret = secret
+        self._dialer = dialer
+        self._seal: FrameSeal | None = None
+        # Tags are numbered in the order frames are written: one writer at a time.
+        self._write_lock = trio.Lock()
         self._queue_in, self._queue_out = trio.open_memory_channel[tuple[Buffer, ...]](
             send_queue_size
         )
@@ -41,22 +59,45 @@ class Peer:
     def remote(self) -> str:
         return self.conn.remote
 
+    @property
+    def authenticated(self) -> bool:
+        """Whether the peer proved the shared secret (every frame is then tagged)."""
+        return self._seal is not None
+
     async def handshake(self, local: Hello, check: Handshake, *, timeout: float) -> Hello:
-        """Send our Hello, validate theirs; raises ``ProtocolError`` or ``FingerprintMismatch``."""
-        await self.conn.send(encode(local))
+        """Authenticate (with a secret), send our Hello, validate theirs — all within ``timeout``.
+
+        Raises ``AuthenticationError``, ``ProtocolError``, ``FingerprintMismatch``, or
+        ``NetworkError`` when the peer does not finish in time.
+        """
         with trio.move_on_after(timeout) as scope:
-            frame = await self.conn.receive()
+            if self._secret is not None:
+                await self._authenticate(self._secret)
+            await self._write(encode_parts(local))
+            frame = await self._receive_frame()
         if scope.cancelled_caught:
             raise NetworkError(f"{self.remote} did not complete the handshake within {timeout:g} s")
+        if self._secret is None and is_offer(frame):
+            raise AuthenticationError(
+                f"{self.remote} authenticates with a shared secret and this side has none: give "
+                "it the cluster's secret (secret=, network.secret_file, --secret-file or "
+                "BUTTERFLY_SECRET)"
+            )
         check.receive(decode(frame, max_size=self.max_message_size))
         assert check.peer is not None
         self.hello = check.peer
         return check.peer
 
+    async def _authenticate(self, secret: bytes) -> None:
+        auth = Authenticator(secret, dialer=self._dialer, peer=self.remote)
+        await self.conn.send(auth.offer())
+        await self.conn.send(auth.proof(await self.conn.receive()))
+        self._seal = auth.check_proof(await self.conn.receive())
+
     async def send(self, message: Message) -> None:
         """Queue ``message``; waits while the queue is full. Raises ``NetworkError`` once broken."""
         parts = encode_parts(message)
-        size = sum(len(p) for p in parts)
+        size = sum(len(p) for p in parts) + (TAG_BYTES if self._seal is not None else 0)
         if size > self.max_message_size:
             raise ProtocolError(
                 f"{type(message).__name__} of {size} bytes exceeds max_message_size "
@@ -77,7 +118,22 @@ class Peer:
     async def _write(self, parts: tuple[Buffer, ...]) -> None:
         self._writers += 1
         try:
-            await self.conn.send(*parts)
+            if self._seal is None:
+                await self.conn.send(*parts)
+                return
+            # Uncontended, the lock is taken without a checkpoint (a 4 KiB round trip pays
+            # for each one). Once a tag is numbered its frame must go out, so the write is
+            # shielded; aclose() still ends a write stuck on a dead peer.
+            if not self._write_lock.locked():
+                self._write_lock.acquire_nowait()
+            else:
+                await self._write_lock.acquire()
+            try:
+                tag = self._seal.tag(parts)
+                with trio.CancelScope(shield=True):
+                    await self.conn.send(*parts, tag)
+            finally:
+                self._write_lock.release()
         except NetworkError as exc:
             # Close both directions so the receive loop ends too; senders see the cause.
             self._broken = exc
@@ -89,8 +145,22 @@ class Peer:
             self._writers -= 1
 
     async def receive(self) -> Message:
-        """Next decoded message; raises ``NetworkError`` on close, ``ProtocolError`` on garbage."""
-        return decode(await self.conn.receive(), max_size=self.max_message_size)
+        """Next decoded message; raises ``NetworkError`` on close, ``ProtocolError`` on garbage,
+        ``AuthenticationError`` (and closes the connection) on a frame with a wrong tag."""
+        return decode(await self._receive_frame(), max_size=self.max_message_size)
+
+    async def _receive_frame(self) -> Buffer:
+        frame = await self.conn.receive()
+        if self._seal is None:
+            return frame
+        try:
+            return self._seal.open(frame)
+        except AuthenticationError as exc:
+            self._broken = exc
+            self._queue_out.close()
+            with trio.CancelScope(shield=True):
+                await self.conn.aclose()
+            raise
 
     async def _drain(self) -> None:
         try:
@@ -103,7 +173,7 @@ class Peer:
 
 @asynccontextmanager
 async def dial_peer(
-    transport: Transport, address: str, config: NetworkConfig
+    transport: Transport, address: str, config: NetworkConfig, *, secret: bytes | None = None
 ) -> AsyncIterator[Peer]:
     """Connect to ``address`` (with the configured retries) and open a :class:`Peer` on it."""
     async with (
@@ -115,7 +185,11 @@ async def dial_peer(
             max_delay=config.reconnect_max_delay,
         ) as conn,
         open_peer(
-            conn, max_message_size=config.max_message_size, send_queue_size=config.send_queue_size
+            conn,
+            max_message_size=config.max_message_size,
+            send_queue_size=config.send_queue_size,
+            secret=secret,
+            dialer=True,
         ) as peer,
     ):
         yield peer
@@ -123,10 +197,25 @@ async def dial_peer(
 
 @asynccontextmanager
 async def open_peer(
-    conn: Connection, *, max_message_size: int, send_queue_size: int
+    conn: Connection,
+    *,
+    max_message_size: int,
+    send_queue_size: int,
+    secret: bytes | None = None,
+    dialer: bool = False,
 ) -> AsyncIterator[Peer]:
-    """Run a :class:`Peer`'s sender for the duration of the block; pending sends are dropped on exit."""
-    peer = Peer(conn, max_message_size=max_message_size, send_queue_size=send_queue_size)
+    """Run a :class:`Peer`'s sender for the duration of the block; pending sends are dropped on exit.
+
+    With ``secret``, the handshake authenticates both sides and every frame is tagged;
+    ``dialer`` says which side of the connection this is (the proofs of the two differ).
+    """
+    peer = Peer(
+        conn,
+        max_message_size=max_message_size,
+        send_queue_size=send_queue_size,
+        secret=secret,
+        dialer=dialer,
+    )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(peer._drain)
         try:

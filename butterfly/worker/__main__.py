@@ -20,12 +20,14 @@ import torch
 import trio
 
 from ..config import load_config
+from ..credentials import is_loopback, load_secret
 from ..errors import ButterflyError
 from ..model import ModelSource
 from ..transport import WebsocketTransport, parse_address
 from .service import WorkerService
 
 PROG = "python -m butterfly.worker"
+log = logging.getLogger("butterfly.worker")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -95,6 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="address other nodes should use to reach this worker (default: the bound --listen address)",
     )
     p.add_argument("--node-id", help="stable name of this worker (default: random)")
+    p.add_argument(
+        "--secret-file",
+        metavar="FILE",
+        help="file holding the cluster's shared secret (default: network.secret_file, else the "
+        "BUTTERFLY_SECRET environment variable); every peer must prove it before anything "
+        "it sends is decoded",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow listening on a non-loopback address without a secret: anyone who can "
+        "reach the port can then drive this worker and read what it computes",
+    )
     p.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
     return p
 
@@ -142,8 +157,22 @@ def main(argv: list[str] | None = None) -> None:
             parse_address(peer)
         if args.advertise:
             parse_address(args.advertise)
+        secret = load_secret(secret_file=args.secret_file or config.network.secret_file)
     except ButterflyError as exc:
         _fail(str(exc), 2)
+    if secret is None and not is_loopback(host):
+        if not args.insecure:
+            _fail(
+                f"--listen {args.listen} accepts connections from other machines, and no shared "
+                "secret is set: give --secret-file FILE (or BUTTERFLY_SECRET), or --insecure to "
+                "let anyone who reaches the port drive this worker",
+                2,
+            )
+        log.warning(
+            "insecure: listening on %s without a shared secret; anyone who reaches it can "
+            "drive this worker and read what it computes",
+            args.listen,
+        )
     if args.threads is not None:
         if args.threads < 1:
             _fail(f"--threads must be at least 1, got {args.threads}", 2)
@@ -181,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         advertise=args.advertise,
         node_id=args.node_id,
         max_memory=max_memory,
+        secret=secret,
     )
     try:
         trio.run(_serve, worker)
@@ -204,7 +234,8 @@ async def _serve(worker: WorkerService) -> None:
             print(
                 f"butterfly worker ready on {address} node {worker.node_id} model {info.name} "
                 f"({info.num_layers} layers, fingerprint {info.fingerprint[:12]}, "
-                f"{torch.get_num_threads()} threads, device {worker.source.device})",
+                f"{torch.get_num_threads()} threads, device {worker.source.device}, "
+                f"{'shared-secret' if worker.secret is not None else 'no'} authentication)",
                 flush=True,
             )
             async for _ in signals:

@@ -29,7 +29,14 @@ from .._errors import unwrap_groups
 from ..config import ButterflyConfig
 from ..coordination.detector import PhiAccrualDetector
 from ..coordination.liveness import measure_link, new_detector, watch_link
-from ..errors import ButterflyError, ComputeError, CoordinationError, NetworkError, error_kind
+from ..errors import (
+    AuthenticationError,
+    ButterflyError,
+    ComputeError,
+    CoordinationError,
+    NetworkError,
+    error_kind,
+)
 from ..model import ModelInfo, ModelSource, StageRuntime
 from ..model.profile import available_memory
 from ..model.stage_sessions import SessionStore
@@ -90,6 +97,7 @@ class WorkerService:
         node_id: str | None = None,
         max_memory: int | None = None,
         in_threads: bool = True,
+        secret: bytes | None = None,
     ) -> None:
         self.source = source
         self.transport = transport
@@ -101,6 +109,8 @@ class WorkerService:
         #: Load and compute in worker threads; False keeps everything on the event loop,
         #: which makes a simulation on a mock clock replay exactly (tests only).
         self.in_threads = in_threads
+        #: The cluster's shared secret: every connection, accepted or dialled, proves it.
+        self.secret = secret
         self.address = ""
         self.info: ModelInfo | None = None
         self.memory_available = 0
@@ -179,7 +189,10 @@ class WorkerService:
     def _open_peer(self, conn: Connection) -> AbstractAsyncContextManager[Peer]:
         net = self.config.network
         return open_peer(
-            conn, max_message_size=net.max_message_size, send_queue_size=net.send_queue_size
+            conn,
+            max_message_size=net.max_message_size,
+            send_queue_size=net.send_queue_size,
+            secret=self.secret,
         )
 
     # -- accepted connections ------------------------------------------------------------
@@ -203,6 +216,10 @@ class WorkerService:
                         f"{hello.fingerprint[:16]}; this worker serves {self.info.name!r} with "
                         f"{self.info.fingerprint[:16]}"
                     )
+            except AuthenticationError as exc:
+                # Nothing is said to a peer that did not authenticate.
+                log.warning("refused connection from %s: %s", conn.remote, exc)
+                return
             except ButterflyError as exc:
                 log.warning("refused connection from %s: %s", conn.remote, exc)
                 await _send_quietly(peer, Error(kind=error_kind(exc), message=str(exc)))
@@ -315,7 +332,7 @@ class WorkerService:
 
     async def _introduce(self, address: str) -> None:
         net = self.config.network
-        async with dial_peer(self.transport, address, net) as peer:
+        async with dial_peer(self.transport, address, net, secret=self.secret) as peer:
             check = Handshake(self.hello("member"), expect_roles=frozenset({"worker"}))
             hello = await peer.handshake(self.hello("member"), check, timeout=net.connect_timeout)
             self._learn_peers((hello.address, *hello.peers))
@@ -483,7 +500,7 @@ class WorkerService:
     async def _pull(self, upstream: StageSpec, ready: trio.Event) -> None:
         net = self.config.network
         assert self.info is not None
-        async with dial_peer(self.transport, upstream.address, net) as peer:
+        async with dial_peer(self.transport, upstream.address, net, secret=self.secret) as peer:
             check = Handshake(
                 self.hello("link"),
                 expect_roles=frozenset({"worker"}),
