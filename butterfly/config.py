@@ -100,8 +100,9 @@ class PartitionConfig:
 class CoordinationConfig:
     """Liveness of workers: heartbeats judged by a phi-accrual failure detector."""
 
-    #: Seconds between heartbeats on every coordinator→worker link.
-    heartbeat_interval: float = attrs.field(default=1.0, validator=_positive_seconds)
+    #: Seconds between heartbeats on every coordinator→worker link (at most 60: peers
+    #: refuse a longer one, which would keep a dead connection from being reaped).
+    heartbeat_interval: float = attrs.field(default=1.0, validator=[_positive_seconds, v.le(60.0)])
     #: Suspicion φ at which a worker is declared failed (8: one chance in 10^8 it is alive).
     phi_threshold: float = attrs.field(default=8.0, validator=_positive_seconds)
     #: Heartbeat intervals remembered for the mean and deviation.

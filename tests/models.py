@@ -13,7 +13,15 @@ from torch import nn
 
 from butterfly.model.zoo import mlp, seeded, small_transformer
 
-__all__ = ["gated_mlp", "mlp", "raising", "random_mlp", "slow_mlp", "small_transformer"]
+__all__ = [
+    "counting_mlp",
+    "gated_mlp",
+    "mlp",
+    "raising",
+    "random_mlp",
+    "slow_mlp",
+    "small_transformer",
+]
 
 
 class Sleep(nn.Module):
@@ -67,6 +75,23 @@ class Gate(nn.Module):
 def gated_mlp() -> nn.Sequential:
     """``mlp`` behind a :class:`Gate` (on the first stage)."""
     return nn.Sequential(Gate(), *mlp())
+
+
+class CountCalls(nn.Module):
+    """Appends one byte per forward to the file named by BUTTERFLY_TEST_CALLS (if set):
+    the test reads how often model code ran in the worker processes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        path = os.environ.get("BUTTERFLY_TEST_CALLS")
+        if path:
+            with open(path, "ab") as f:
+                f.write(b".")
+        return x
+
+
+def counting_mlp() -> nn.Sequential:
+    """``mlp`` with a :class:`CountCalls` in front of each layer."""
+    return nn.Sequential(*(m for layer in mlp() for m in (CountCalls(), layer)))
 
 
 def throttled() -> nn.Sequential:

@@ -133,7 +133,9 @@ def summary(outcomes: Sequence[Outcome]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.stress", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.stress", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--runs", type=int, default=10, help="full runs of the suite (default 10)")
     parser.add_argument(
         "--load", type=int, default=os.cpu_count() or 2,

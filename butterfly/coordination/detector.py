@@ -106,10 +106,18 @@ class PhiAccrualDetector:
 
         if crossed(now):
             return 0.0
+        # Both loops are bounded: a peer's absurd interval (inf, NaN, 1e300) must not
+        # hold the event loop. 2^40 s is beyond any crossing worth waiting for.
         low, high = now, now + 1.0
-        while not crossed(high):
+        for _ in range(40):
+            if crossed(high):
+                break
             low, high = high, now + 2 * (high - now)
-        while high - low > 1e-6:
+        else:
+            return math.inf
+        for _ in range(80):  # 2^40 s down to 1 µs takes 60 halvings
+            if high - low <= 1e-6:
+                break
             middle = (low + high) / 2
             low, high = (low, middle) if crossed(middle) else (middle, high)
         return high - now

@@ -289,6 +289,22 @@ class CoordinationService:
         async with dial_peer(self.transport, worker.address, net, secret=self.secret) as peer:
             check = Handshake(self._hello(), expect_roles=frozenset({"worker"}))
             hello = await peer.handshake(self._hello(), check, timeout=net.connect_timeout)
+            twin = next(
+                (
+                    w
+                    for w in self._workers.values()
+                    if w is not worker and w.peer is not None and w.node_id == hello.node_id
+                ),
+                None,
+            )
+            if twin is not None:
+                # One worker known under two addresses (a proxy, a second interface): one
+                # session each would make the planner see two nodes with one id.
+                self._set_state(worker, WorkerState.REFUSED, f"the same worker as {twin.address}")
+                raise CoordinationError(
+                    f"worker {hello.node_id} at {worker.address} is already connected at "
+                    f"{twin.address}"
+                )
             if self._fingerprint and (hello.fingerprint, hello.model_name) != (
                 self._fingerprint,
                 self._model,

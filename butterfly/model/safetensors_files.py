@@ -72,7 +72,9 @@ def read_header(file: Path) -> dict[str, StoredTensor]:
         dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
         if dtype is None:
             raise ValueError(f"tensor {key!r} has unsupported dtype {entry['dtype']!r}")
-        stored[key] = StoredTensor(file, dtype, tuple(entry["shape"]), 8 + size + start, stop - start)
+        stored[key] = StoredTensor(
+            file, dtype, tuple(entry["shape"]), 8 + size + start, stop - start
+        )
     return stored
 
 

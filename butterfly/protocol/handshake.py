@@ -20,6 +20,9 @@ from .messages import PROTOCOL_VERSION, Hello, Message
 __all__ = ["Handshake", "HandshakeState"]
 
 ROLES = frozenset({"coordinator", "link", "member", "worker"})
+#: Longest heartbeat interval a peer may announce: a longer one would keep a dead
+#: connection from ever being reaped.
+MAX_HEARTBEAT_INTERVAL = 60.0
 
 
 class HandshakeState(enum.Enum):
@@ -79,6 +82,11 @@ class Handshake:
             raise ProtocolError(
                 f"peer {message.node_id!r} speaks protocol version {message.version}; "
                 f"this side speaks {PROTOCOL_VERSION}"
+            )
+        if not 0.0 <= message.heartbeat_interval <= MAX_HEARTBEAT_INTERVAL:  # NaN fails too
+            raise ProtocolError(
+                f"peer {message.node_id!r} announces a heartbeat interval of "
+                f"{message.heartbeat_interval!r} s; expected 0 to {MAX_HEARTBEAT_INTERVAL:g} s"
             )
         if message.role not in self.expect_roles:
             raise ProtocolError(

@@ -208,6 +208,13 @@ class WorkerService:
                 hello = await peer.handshake(
                     self.hello(), check, timeout=self.config.network.connect_timeout
                 )
+                if hello.role == "coordinator" and hello.node_id in self._coordinators:
+                    # First connection wins: a second one with the same id (the same client
+                    # under another address of ours, or an impostor) must not take over its
+                    # Results, nor drop its placement when it leaves.
+                    raise CoordinationError(
+                        f"coordinator {hello.node_id!r} is already connected to this worker"
+                    )
                 if hello.role == "link" and (
                     hello.fingerprint != self.info.fingerprint or hello.model_name != self.info.name
                 ):

@@ -88,3 +88,11 @@ def test_time_to_suspicion_is_when_phi_reaches_the_threshold() -> None:
     assert d.phi(9.5 + wait) >= 8.0 > d.phi(9.5 + wait - 1e-5)
     assert d.time_to_suspicion(9.5 + wait + 1) == 0.0
     assert PhiAccrualDetector().time_to_suspicion(0.0) == float("inf")
+
+
+@pytest.mark.parametrize("interval", [math.inf, math.nan, 4e9, 1e300])
+def test_time_to_suspicion_returns_at_once_for_an_absurd_first_interval(interval: float) -> None:
+    # A peer's Hello once put this bisection into an endless loop on the event loop.
+    detector = PhiAccrualDetector(first_interval=interval)
+    detector.heartbeat(1000.0)
+    assert detector.time_to_suspicion(1000.0) >= 0.0

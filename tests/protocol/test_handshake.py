@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from butterfly.errors import FingerprintMismatch, ProtocolError
@@ -81,3 +83,11 @@ def test_model_mismatch_is_refused() -> None:
     hs = Handshake(hello(node_id="me"), expect_model="other:model")
     with pytest.raises(FingerprintMismatch, match="serves model 'm:f'"):
         hs.receive(hello())
+
+
+@pytest.mark.parametrize("interval", [math.inf, math.nan, -1.0, 60.5, 1e8])
+def test_an_absurd_heartbeat_interval_is_refused(interval: float) -> None:
+    hs = Handshake(hello(node_id="me"))
+    with pytest.raises(ProtocolError, match=r"heartbeat interval of .* expected 0 to 60 s"):
+        hs.receive(hello(heartbeat_interval=interval))
+    assert hs.state is HandshakeState.FAILED

@@ -1,0 +1,282 @@
+"""Authentication between real processes: strangers are refused before any model code runs."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import trio
+import trio_websocket
+
+from butterfly import AuthenticationError, Butterfly, LocalCluster
+from butterfly.model.zoo import mlp
+from butterfly.protocol import Activation, encode
+from butterfly.protocol.codec import array_to_wire
+from tests.models import counting_mlp
+
+pytestmark = pytest.mark.slow
+
+SECRET = "a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6"
+FAST_HANDSHAKE = {"network": {"connect_timeout": 1.0}}
+
+
+class Calls:
+    """How often model code ran in the workers (see ``tests.models.CountCalls``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __call__(self) -> int:
+        return self.path.stat().st_size if self.path.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalCluster, Calls]]:
+    """Two workers with the secret, serving a model that counts its calls."""
+    directory = tmp_path_factory.mktemp("secured")
+    calls = directory / "calls"
+    config = directory / "butterfly.toml"
+    config.write_text("[network]\nconnect_timeout = 1.0\n")
+    with LocalCluster(
+        "tests.models:counting_mlp",
+        workers=2,
+        secret=SECRET,
+        config=config,
+        worker_env=[{"BUTTERFLY_TEST_CALLS": str(calls)}] * 2,
+    ) as cluster:
+        yield cluster, Calls(calls)
+
+
+def _local(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    torch.set_num_threads(1)
+    with torch.inference_mode():
+        return model(x)
+
+
+def test_a_client_with_the_secret_is_served(secured: tuple[LocalCluster, Calls]) -> None:
+    cluster, _ = secured
+    x = torch.randn(2, 64)
+    with Butterfly.connect(cluster.addresses, secret=SECRET) as b:
+        assert torch.equal(b.infer(x), _local(counting_mlp(), x))
+
+
+def test_a_client_without_the_secret_is_refused_before_any_model_code_runs(
+    secured: tuple[LocalCluster, Calls],
+) -> None:
+    cluster, calls = secured
+    before = calls()
+    started = time.monotonic()
+    with pytest.raises(
+        AuthenticationError,
+        match=f"{cluster.addresses[0]} authenticates with a shared secret and this side has none",
+    ):
+        Butterfly.connect(cluster.addresses[:1], config=FAST_HANDSHAKE, timeout=10)
+    assert time.monotonic() - started < 5
+    assert calls() == before
+
+
+def test_a_client_with_a_wrong_secret_is_refused_before_any_model_code_runs(
+    secured: tuple[LocalCluster, Calls],
+) -> None:
+    cluster, calls = secured
+    before = calls()
+    with pytest.raises(AuthenticationError, match="did not prove the shared secret"):
+        Butterfly.connect(
+            cluster.addresses, secret="not the cluster's secret!", config=FAST_HANDSHAKE
+        )
+    assert calls() == before
+
+
+def test_the_secret_can_come_from_the_file_named_in_the_config(
+    secured: tuple[LocalCluster, Calls], tmp_path: Path
+) -> None:
+    cluster, _ = secured
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET + "\n")
+    secret_file.chmod(0o600)
+    x = torch.randn(1, 64)
+    config = {"network": {"secret_file": str(secret_file)}}
+    with Butterfly.connect(cluster.addresses, config=config) as b:
+        assert torch.equal(b.infer(x), _local(counting_mlp(), x))
+
+
+def test_the_secret_can_come_from_the_environment(
+    secured: tuple[LocalCluster, Calls], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster, _ = secured
+    monkeypatch.setenv("BUTTERFLY_SECRET", SECRET)
+    x = torch.randn(1, 64)
+    with Butterfly.connect(cluster.addresses) as b:
+        assert torch.equal(b.infer(x), _local(counting_mlp(), x))
+
+
+def _raw_activation() -> bytes:
+    x = torch.randn(1, 64).numpy()
+    return encode(
+        Activation(
+            request_id=1,
+            epoch=0,
+            stage=0,
+            origin="intruder",
+            layer=0,
+            compute_s=0.0,
+            session=0,
+            position=0,
+            keep=(),
+            tensor=array_to_wire(x),
+        )
+    )
+
+
+async def _send_unauthenticated(address: str, frames: list[bytes]) -> bool:
+    """Open a websocket, send ``frames`` without authenticating; True if the worker closed it."""
+    async with trio_websocket.open_websocket_url(address) as ws:
+        with trio.move_on_after(5):
+            try:
+                for frame in frames:
+                    await ws.send_message(frame)
+                while True:
+                    await ws.get_message()
+            except trio_websocket.ConnectionClosed:
+                return True
+    return False
+
+
+def test_an_activation_sent_without_authenticating_closes_the_connection_and_runs_nothing(
+    secured: tuple[LocalCluster, Calls],
+) -> None:
+    cluster, calls = secured
+    before = calls()
+    assert trio.run(_send_unauthenticated, cluster.addresses[0], [_raw_activation()] * 3)
+    assert calls() == before
+
+
+def test_a_connection_that_stalls_in_the_handshake_is_closed_within_its_timeout(
+    secured: tuple[LocalCluster, Calls],
+) -> None:
+    cluster, _ = secured
+    started = time.monotonic()
+    assert trio.run(_send_unauthenticated, cluster.addresses[0], [])
+    assert time.monotonic() - started < 4  # network.connect_timeout is 1 s on these workers
+
+
+def test_butterfly_local_gives_its_workers_a_secret_of_their_own() -> None:
+    with Butterfly.local("butterfly.model.zoo:mlp", workers=1) as b:
+        assert b.local_cluster is not None
+        with pytest.raises(AuthenticationError, match="this side has none"):
+            Butterfly.connect(b.local_cluster.addresses, config=FAST_HANDSHAKE)
+        x = torch.randn(1, 64)
+        assert torch.equal(b.infer(x), _local(mlp(), x))
+
+
+class BitFlipper:
+    """A TCP proxy to a worker that flips one bit in the next large chunk once armed."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.removeprefix("ws://").rsplit(":", 1)
+        self.target = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"ws://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.armed = threading.Event()
+        self.flipped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while chunk := source.recv(1 << 16):
+                if len(chunk) >= 8192 and self.armed.is_set():
+                    self.armed.clear()
+                    flipped = bytearray(chunk)
+                    flipped[len(flipped) // 2] ^= 0x10
+                    chunk = bytes(flipped)
+                    self.flipped.set()
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                s.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_flipped_bit_closes_the_link_and_the_request_is_rerun_to_the_right_answer() -> None:
+    uniform = {"partition": {"default_strategy": "uniform"}}  # both workers hold a stage
+    with LocalCluster("butterfly.model.zoo:mlp", workers=2, secret=SECRET) as cluster:
+        proxy = BitFlipper(cluster.addresses[0])
+        try:
+            seeds = [proxy.address, cluster.addresses[1]]
+            with Butterfly.connect(seeds, secret=SECRET, config=uniform) as b:
+                # 16 KiB: the request's input or its result (whichever crosses the proxy)
+                # is the only large frame on the proxied link.
+                x = torch.randn(64, 64)
+                proxy.armed.set()
+                y = b.infer(x)
+                assert proxy.flipped.is_set()
+                assert torch.equal(y, _local(mlp(), x))
+                assert sum(b.metrics()["requests_retried"].values()) == 1
+        finally:
+            proxy.close()
+
+
+def test_a_worker_refuses_to_listen_beyond_loopback_without_a_secret() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "butterfly.worker",
+            "--listen",
+            "0.0.0.0:0",
+            "--model",
+            "butterfly.model.zoo:mlp",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "accepts connections from other machines, and no shared secret is set" in result.stderr
+    assert "--insecure" in result.stderr
+
+
+def test_a_worker_refuses_a_secret_shorter_than_16_bytes(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("short\n")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "butterfly.worker",
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+            "butterfly.model.zoo:mlp",
+            "--secret-file",
+            str(secret),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "has 5 bytes; a shared secret needs at least 16" in result.stderr
