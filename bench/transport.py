@@ -70,6 +70,8 @@ MiB = 1 << 20
 LOOPBACK = "127.0.0.1"
 THROUGHPUT_TARGET = 0.5  # websocket/raw, at least
 RTT_TARGET = 3.0  # websocket/raw, at most
+MAC_TARGET = 0.05  # time added to a hop by the frame MACs (authenticated vs not), below
+BENCH_SECRET = b"the benchmark's shared secret"
 
 
 # -- settings and results ----------------------------------------------------------------
@@ -237,11 +239,21 @@ def _hello(role: str) -> Hello:
 
 @asynccontextmanager
 async def open_handshaken_peer(
-    conn: Connection, config: NetworkConfig, role: str, expect: str
+    conn: Connection,
+    config: NetworkConfig,
+    role: str,
+    expect: str,
+    *,
+    secret: bytes | None = None,
+    dialer: bool = False,
 ) -> AsyncIterator[Peer]:
-    """A :class:`Peer` on ``conn`` after the Hello exchange, as the worker opens them."""
+    """A :class:`Peer` on ``conn`` after the handshake, as the worker opens them."""
     async with open_peer(
-        conn, max_message_size=config.max_message_size, send_queue_size=config.send_queue_size
+        conn,
+        max_message_size=config.max_message_size,
+        send_queue_size=config.send_queue_size,
+        secret=secret,
+        dialer=dialer,
     ) as peer:
         local = _hello(role)
         check = Handshake(local, expect_roles=frozenset({expect}))
@@ -250,14 +262,19 @@ async def open_handshaken_peer(
 
 
 @asynccontextmanager
-async def websocket_pair(config: NetworkConfig) -> AsyncIterator[Pair]:
-    """Two Butterfly peers joined by ``WebsocketTransport``; the accepting one is a "worker"."""
+async def websocket_pair(config: NetworkConfig, secret: bytes | None = None) -> AsyncIterator[Pair]:
+    """Two Butterfly peers joined by ``WebsocketTransport``; the accepting one is a "worker".
+
+    With ``secret`` they authenticate and every frame carries its MAC, as in a cluster
+    with a shared secret."""
     transport = WebsocketTransport(config)
     accepted_in, accepted_out = trio.open_memory_channel[Peer](1)
     finished = trio.Event()
 
     async def handler(conn: Connection) -> None:
-        async with open_handshaken_peer(conn, config, "worker", expect="link") as peer:
+        async with open_handshaken_peer(
+            conn, config, "worker", expect="link", secret=secret
+        ) as peer:
             await accepted_in.send(peer)
             await finished.wait()
 
@@ -265,7 +282,9 @@ async def websocket_pair(config: NetworkConfig) -> AsyncIterator[Pair]:
         address = await nursery.start(transport.serve, f"ws://{LOOPBACK}:0", handler)
         async with (
             transport.connect(address) as conn,
-            open_handshaken_peer(conn, config, "link", expect="worker") as dialled,
+            open_handshaken_peer(
+                conn, config, "link", expect="worker", secret=secret, dialer=True
+            ) as dialled,
         ):
             accepted = await accepted_out.receive()
             try:
@@ -352,12 +371,15 @@ class Scenario:
     warmup: Sample
 
 
-def scenarios(settings: Settings, websocket: Pair, raw: Pair) -> list[Scenario]:
+def scenarios(
+    settings: Settings, websocket: Pair, authenticated: Pair, raw: Pair
+) -> list[Scenario]:
     """Every (name, sampler) of the run, on already connected pairs."""
     bulk = np.random.default_rng(0).standard_normal(settings.message_bytes // 4, dtype=np.float32)
     small = bulk[: settings.rtt_bytes // 4].copy()
     ws_accepted, ws_dialled = websocket
     raw_accepted, raw_dialled = raw
+    auth_accepted, auth_dialled = authenticated
 
     def rate(sender: Channel, receiver: Channel) -> tuple[Sample, Sample]:
         return (
@@ -374,8 +396,10 @@ def scenarios(settings: Settings, websocket: Pair, raw: Pair) -> list[Scenario]:
     return [
         Scenario("websocket accepted->dialled", "MB/s", *rate(ws_accepted, ws_dialled)),
         Scenario("websocket dialled->accepted", "MB/s", *rate(ws_dialled, ws_accepted)),
+        Scenario("websocket+MAC accepted->dialled", "MB/s", *rate(auth_accepted, auth_dialled)),
         Scenario("raw TCP accepted->dialled", "MB/s", *rate(raw_accepted, raw_dialled)),
         Scenario("websocket round trip", "us", *rtt(ws_dialled, ws_accepted)),
+        Scenario("websocket+MAC round trip", "us", *rtt(auth_dialled, auth_accepted)),
         Scenario("raw TCP round trip", "us", *rtt(raw_dialled, raw_accepted)),
     ]
 
@@ -384,9 +408,10 @@ async def run(settings: Settings) -> list[Summary]:
     config = NetworkConfig()
     async with (
         websocket_pair(config) as websocket,
+        websocket_pair(config, secret=BENCH_SECRET) as authenticated,
         raw_pair(settings.message_bytes, config.receive_buffer_size) as raw,
     ):
-        plan = scenarios(settings, websocket, raw)
+        plan = scenarios(settings, websocket, authenticated, raw)
         for scenario in plan:
             await scenario.warmup()
         samples: dict[str, list[float]] = {s.name: [] for s in plan}
@@ -404,7 +429,26 @@ def ratios(results: dict[str, Summary]) -> dict[str, dict[str, Any]]:
         results["websocket accepted->dialled"].median / results["raw TCP accepted->dialled"].median
     )
     rtt = results["websocket round trip"].median / results["raw TCP round trip"].median
+    # What authentication adds to a hop: the same stack with and without frame MACs.
+    mac_cost = (
+        results["websocket accepted->dialled"].median
+        / results["websocket+MAC accepted->dialled"].median
+        - 1
+    )
+    mac_rtt = (
+        results["websocket+MAC round trip"].median / results["websocket round trip"].median - 1
+    )
     return {
+        "MAC time added to a 4 MiB hop": {
+            "value": mac_cost,
+            "target": f"< {MAC_TARGET}",
+            "met": mac_cost < MAC_TARGET,
+        },
+        "MAC time added to a round trip": {
+            "value": mac_rtt,
+            "target": "(info)",
+            "met": True,
+        },
         "throughput websocket/raw": {
             "value": throughput,
             "target": f">= {THROUGHPUT_TARGET}",

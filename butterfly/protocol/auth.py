@@ -34,6 +34,7 @@ import secrets
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import AuthenticationError
@@ -54,6 +55,7 @@ NONCE_BYTES = 32
 TAG_BYTES = 16
 #: A shorter secret could be guessed offline from one recorded handshake.
 SECRET_MIN_BYTES = 16
+_JOIN_LIMIT = 64 << 10
 
 _SIDES = (b"dialer", b"acceptor")
 
@@ -138,16 +140,24 @@ class FrameSeal:
     """
 
     def __init__(self, *, send_key: bytes, receive_key: bytes, peer: str) -> None:
-        self._send = algorithms.AES(send_key)
-        self._receive = algorithms.AES(receive_key)
+        self._send_key = algorithms.AES(send_key)
+        self._send = AESGCM(send_key)
+        self._receive = AESGCM(receive_key)
         self._sent = 0
         self._received = 0
         self.peer = peer
 
     def tag(self, parts: tuple[Buffer, ...]) -> bytes:
         """The tag to append to the frame made of ``parts``."""
-        encryptor = Cipher(self._send, modes.GCM(_nonce(self._sent))).encryptor()
+        nonce = _nonce(self._sent)
         self._sent += 1
+        if len(parts) == 1 or sum(len(p) for p in parts) <= _JOIN_LIMIT:
+            # One call (about 1 µs on 4 KiB); joining small parts costs less than the
+            # incremental interface's object set-up.
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            return self._send.encrypt(nonce, b"", data)
+        # Large frames are sent from their own memory: authenticate them part by part.
+        encryptor = Cipher(self._send_key, modes.GCM(nonce)).encryptor()
         for part in parts:
             encryptor.authenticate_additional_data(part)
         encryptor.finalize()
@@ -160,11 +170,9 @@ class FrameSeal:
         self._received += 1
         if len(view) < TAG_BYTES:
             raise AuthenticationError(f"frame {number} from {self.peer} is too short for a tag")
-        body, tag = view[:-TAG_BYTES], bytes(view[-TAG_BYTES:])
-        decryptor = Cipher(self._receive, modes.GCM(_nonce(number), tag)).decryptor()
-        decryptor.authenticate_additional_data(body)
+        body, tag = view[:-TAG_BYTES], view[-TAG_BYTES:]
         try:
-            decryptor.finalize()
+            self._receive.decrypt(_nonce(number), tag, body)
         except InvalidTag:
             raise AuthenticationError(
                 f"frame {number} from {self.peer} failed its integrity check (altered, replayed, "

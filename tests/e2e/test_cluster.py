@@ -291,17 +291,25 @@ def test_ctrl_c_while_waiting_cancels_the_request_and_the_client_keeps_serving(
     with Butterfly.local("tests.models:gated_mlp", workers=2) as b:
         main = threading.main_thread().ident
         assert main == threading.get_ident()
-        timer = threading.Timer(0.3, lambda: signal.pthread_kill(main, signal.SIGINT))
+        sent: list[float] = []
+
+        def ctrl_c() -> None:
+            signal.pthread_kill(main, signal.SIGINT)
+            sent.append(time.monotonic())
+
+        timer = threading.Timer(0.3, ctrl_c)
         timer.start()
         held = torch.zeros(1, 64)
         held[0, 0] = GATED
         try:
             # The request cannot finish before the gate opens: only Ctrl-C ends this wait.
             with pytest.raises(KeyboardInterrupt):
-                b.infer(held)
+                b.infer(held, timeout=20)
+            interrupted = time.monotonic()
         finally:
             timer.join()
             gate.touch()
+        assert interrupted - sent[0] < 1.0  # within the facade's 0.1 s signal check, and load
         x = torch.randn(1, 64)
         torch.testing.assert_close(b.infer(x), local_forward(gated_mlp(), x), rtol=0, atol=0)
         assert b.metrics()["requests_failed"] == {"cancelled": 1}
