@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import random
+import secrets
 import shutil
 import signal
 import statistics
@@ -627,6 +628,8 @@ phi_threshold = {phi}
 # Short, so that dials to the cut-off worker give up and retry quickly once it is back.
 connect_timeout = {connect_timeout}
 reconnect_max_delay = {reconnect_max_delay}
+# The workers listen beyond loopback: they refuse to start without a shared secret.
+secret_file = "{secret_file}"
 """
 
 
@@ -686,8 +689,11 @@ def main(argv: list[str] | None = None) -> int:
     code = 2
     signal.alarm(args.timeout)
     try:
+        secret_file = tmp / "secret"
+        secret_file.write_text(secrets.token_hex(32))
+        secret_file.chmod(0o600)
         config = tmp / "butterfly.toml"
-        config.write_text(CONFIG.format(**vars(args)), encoding="utf-8")
+        config.write_text(CONFIG.format(**vars(args), secret_file=secret_file), encoding="utf-8")
         net.create()
         print(
             f"{args.workers} workers in namespaces {net.namespace(0)}..{net.namespace(args.workers - 1)} "
