@@ -147,6 +147,11 @@ class NetworkConfig:
     reconnect_initial_delay: float = attrs.field(default=0.1, validator=_positive_seconds)
     #: Largest backoff delay in seconds.
     reconnect_max_delay: float = attrs.field(default=5.0, validator=_positive_seconds)
+    #: Connections a worker holds at once (upgrading, handshaking or established); more are
+    #: closed as soon as they are accepted.
+    max_connections: int = attrs.field(default=256, validator=_positive)
+    #: Of those, connections from one source address: one host cannot take every slot.
+    max_connections_per_address: int = attrs.field(default=32, validator=_positive)
     #: File holding the cluster's shared secret (at least 16 bytes; surrounding whitespace
     #: is ignored). Every node proves it to every other before any message is decoded, and
     #: every frame is then authenticated. Empty: ``BUTTERFLY_SECRET``, else no authentication.

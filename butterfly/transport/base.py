@@ -32,6 +32,10 @@ class Connection(Protocol):
         """A human-readable description of the other end, for error messages."""
         ...
 
+    #: Largest message accepted from the peer; a larger one closes the connection (1009)
+    #: before its payload is read. Lowered during the handshake (see ``Peer.handshake``).
+    max_message_size: int
+
     async def send(self, *parts: Buffer) -> None: ...
 
     async def receive(self) -> Buffer: ...

@@ -179,6 +179,14 @@ class _FaultyConnection:
     def remote(self) -> str:
         return self._inner.remote
 
+    @property
+    def max_message_size(self) -> int:
+        return self._inner.max_message_size
+
+    @max_message_size.setter
+    def max_message_size(self, size: int) -> None:
+        self._inner.max_message_size = size
+
     async def send(self, *parts: Buffer) -> None:
         await self._inner.send(*parts)
 

@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from ..errors import NetworkError
+from ..errors import NetworkError, ProtocolError
 from .base import Buffer, Connection, ConnectionHandler
 
 __all__ = ["MemoryConnection", "MemoryNetwork"]
@@ -35,7 +35,7 @@ class MemoryConnection:
         self._send = send
         self._receive = receive
         self._remote = remote
-        self._max_message_size = max_message_size
+        self.max_message_size = max_message_size
 
     @property
     def remote(self) -> str:
@@ -43,12 +43,12 @@ class MemoryConnection:
 
     async def send(self, *parts: Buffer) -> None:
         frame = b"".join(parts)
-        if len(frame) > self._max_message_size:
+        if len(frame) > self.max_message_size:
             # Like a websocket peer answering 1009 (message too big): the link is lost.
             await self.aclose()
             raise NetworkError(
                 f"frame of {len(frame)} bytes to {self._remote} exceeds max_message_size "
-                f"{self._max_message_size}"
+                f"{self.max_message_size}"
             )
         try:
             await self._send.send(frame)
@@ -57,9 +57,16 @@ class MemoryConnection:
 
     async def receive(self) -> bytes:
         try:
-            return await self._receive.receive()
+            frame = await self._receive.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError) as exc:
             raise NetworkError(f"connection to {self._remote} is closed") from exc
+        if len(frame) > self.max_message_size:  # this side's limit may be the lower one
+            await self.aclose()
+            raise ProtocolError(
+                f"{self._remote}: message of more than {self.max_message_size} bytes "
+                "(max_message_size)"
+            )
+        return frame
 
     async def aclose(self) -> None:
         await self._send.aclose()

@@ -25,7 +25,10 @@ from ..protocol.auth import TAG_BYTES, Authenticator, FrameSeal, is_offer
 from .base import Buffer, Connection, Transport
 from .retry import dial
 
-__all__ = ["Peer", "dial_peer", "open_peer"]
+__all__ = ["HANDSHAKE_MESSAGE_SIZE", "Peer", "dial_peer", "open_peer"]
+
+#: Largest frame read during the handshake (offers, proofs and Hellos are far smaller).
+HANDSHAKE_MESSAGE_SIZE = 64 << 10
 
 
 class Peer:
@@ -70,6 +73,9 @@ class Peer:
         Raises ``AuthenticationError``, ``ProtocolError``, ``FingerprintMismatch``, or
         ``NetworkError`` when the peer does not finish in time.
         """
+        # Until the peer is known, no large frame is read from it (an unauthenticated peer
+        # must not make us buffer up to max_message_size per connection).
+        self.conn.max_message_size = min(HANDSHAKE_MESSAGE_SIZE, self.max_message_size)
         with trio.move_on_after(timeout) as scope:
             if self._secret is not None:
                 await self._authenticate(self._secret)
@@ -86,6 +92,7 @@ class Peer:
         check.receive(decode(frame, max_size=self.max_message_size))
         assert check.peer is not None
         self.hello = check.peer
+        self.conn.max_message_size = self.max_message_size
         return check.peer
 
     async def _authenticate(self, secret: bytes) -> None:

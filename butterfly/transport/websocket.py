@@ -17,6 +17,7 @@ see ``butterfly.worker`` for how stage links are dialled by the receiving side.
 from __future__ import annotations
 
 import base64
+import collections
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -96,7 +97,7 @@ class WebsocketConnection:
         self._stream = stream
         self._client = client
         self._remote = remote
-        self._max_message_size = max_message_size
+        self.max_message_size = max_message_size
         self._read_size = read_size
         self._buffer = bytearray(buffered)
         self._send_lock = trio.Lock()
@@ -181,10 +182,10 @@ class WebsocketConnection:
         while True:
             try:
                 header = await self._read_header()
-                if header.length > self._max_message_size - size:
+                if header.length > self.max_message_size - size:
                     await self._fail(
                         CloseCode.MESSAGE_TOO_BIG,
-                        f"message of more than {self._max_message_size} bytes (max_message_size)",
+                        f"message of more than {self.max_message_size} bytes (max_message_size)",
                     )
                 payload = await self._read_payload(header.length)
             except _Closed:
@@ -427,10 +428,36 @@ class WebsocketTransport:
         task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         host, port = parse_address(address)
+        active: collections.Counter[str] = collections.Counter()  # open connections by source
 
         async def on_stream(stream: trio.SocketStream) -> None:
             host_port = stream.socket.getpeername()
-            remote = _format(str(host_port[0]), int(host_port[1]))
+            source = str(host_port[0])
+            remote = _format(source, int(host_port[1]))
+            if (
+                active.total() >= self.config.max_connections
+                or active[source] >= self.config.max_connections_per_address
+            ):
+                log.warning(
+                    "refused connection from %s: %d connections open, %d from that address "
+                    "(network.max_connections %d, max_connections_per_address %d)",
+                    remote,
+                    active.total(),
+                    active[source],
+                    self.config.max_connections,
+                    self.config.max_connections_per_address,
+                )
+                await trio.aclose_forcefully(stream)
+                return
+            active[source] += 1
+            try:
+                await serve_stream(stream, remote)
+            finally:
+                active[source] -= 1
+                if not active[source]:
+                    del active[source]
+
+        async def serve_stream(stream: trio.SocketStream, remote: str) -> None:
             try:
                 _tune(stream)
                 with trio.fail_after(self.config.connect_timeout):

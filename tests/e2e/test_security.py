@@ -280,3 +280,57 @@ def test_a_worker_refuses_a_secret_shorter_than_16_bytes(tmp_path: Path) -> None
     )
     assert result.returncode == 2
     assert "has 5 bytes; a shared secret needs at least 16" in result.stderr
+
+
+def _port(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
+
+
+def test_a_thousand_idle_connections_from_one_address_are_capped_and_timed_out_while_a_client_is_served(
+    secured: tuple[LocalCluster, Calls],
+) -> None:
+    cluster, _ = secured
+    port = _port(cluster.addresses[0])
+    idle = []
+    try:
+        for _ in range(1000):
+            s = socket.socket()
+            s.bind(("127.0.0.5", 0))  # another loopback address than the client's
+            s.connect(("127.0.0.1", port))
+            idle.append(s)
+        x = torch.randn(1, 64)
+        with Butterfly.connect(cluster.addresses, secret=SECRET) as b:
+            assert torch.equal(b.infer(x), _local(counting_mlp(), x))
+        # network.max_connections_per_address (32) were held, and dropped after the 1 s
+        # handshake timeout; the rest were closed at once. All read end-of-stream now.
+        for s in idle:
+            s.settimeout(5)
+            assert s.recv(1) == b""
+        refused = Path(cluster.processes[0].log.name).read_text().count(
+            "max_connections_per_address 32"
+        )
+        assert refused >= 500  # most were closed at once, not after a timeout
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_a_large_frame_before_authentication_is_refused_without_being_read(
+    secured: tuple[LocalCluster, Calls],
+) -> None:
+    cluster, _ = secured
+
+    async def send_large() -> int:
+        async with trio_websocket.open_websocket_url(
+            cluster.addresses[0], max_message_size=1 << 30
+        ) as ws:
+            with trio.fail_after(5):
+                try:
+                    await ws.send_message(b"\x00" * (1 << 20))
+                    while True:
+                        await ws.get_message()  # the worker's offer, then its close
+                except trio_websocket.ConnectionClosed as closed:
+                    return closed.reason.code
+        return 0
+
+    assert trio.run(send_large) == 1009  # message too big
