@@ -152,6 +152,15 @@ class NetworkConfig:
     max_connections: int = attrs.field(default=256, validator=_positive)
     #: Of those, connections from one source address: one host cannot take every slot.
     max_connections_per_address: int = attrs.field(default=32, validator=_positive)
+    #: TLS: this node's certificate chain and private key (PEM). With them a worker serves
+    #: ``wss://``; with ``tls_client_auth`` they are also this node's client certificate.
+    tls_cert: str = ""
+    tls_key: str = ""
+    #: CA certificates (PEM) that ``wss://`` servers (and, with ``tls_client_auth``,
+    #: clients) must be signed by; empty: the system's trusted CAs.
+    tls_ca: str = ""
+    #: Mutual TLS: a worker accepts only clients with a certificate signed by ``tls_ca``.
+    tls_client_auth: bool = False
     #: File holding the cluster's shared secret (at least 16 bytes; surrounding whitespace
     #: is ignored). Every node proves it to every other before any message is decoded, and
     #: every frame is then authenticated. Empty: ``BUTTERFLY_SECRET``, else no authentication.

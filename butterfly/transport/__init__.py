@@ -9,4 +9,5 @@ from .peer import dial_peer as dial_peer
 from .peer import open_peer as open_peer
 from .retry import dial as dial
 from .websocket import WebsocketTransport as WebsocketTransport
+from .websocket import is_tls as is_tls
 from .websocket import parse_address as parse_address

@@ -20,7 +20,8 @@ import base64
 import collections
 import logging
 import os
-from collections.abc import AsyncIterator
+import ssl
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
@@ -29,7 +30,7 @@ import numpy as np
 import trio
 
 from ..config import NetworkConfig
-from ..errors import NetworkError, ProtocolError
+from ..errors import ConfigError, NetworkError, ProtocolError
 from .base import Buffer, Connection, ConnectionHandler
 from .rfc6455 import (
     CloseCode,
@@ -44,7 +45,10 @@ from .rfc6455 import (
     parse_header,
 )
 
-__all__ = ["WebsocketConnection", "WebsocketTransport", "parse_address"]
+__all__ = ["WebsocketConnection", "WebsocketTransport", "is_tls", "parse_address"]
+
+#: A websocket's byte stream: a TCP socket, or TLS over one.
+Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +61,58 @@ _MAX_HANDSHAKE = 16 * 1024
 
 
 def parse_address(address: str) -> tuple[str, int]:
-    """Split ``ws://host:port`` (or ``host:port``) into host and port; raises ``NetworkError``."""
+    """Split ``ws://host:port``, ``wss://host:port`` (or ``host:port``) into host and port;
+    raises ``NetworkError``."""
     text = address if "://" in address else f"ws://{address}"
     try:
         parts = urlsplit(text)
         port = parts.port
     except ValueError as exc:
         raise NetworkError(f"invalid address {address!r}: {exc}; expected ws://HOST:PORT") from exc
-    if parts.scheme != "ws" or not parts.hostname or port is None:
-        raise NetworkError(f"invalid address {address!r}; expected ws://HOST:PORT")
+    if parts.scheme not in ("ws", "wss") or not parts.hostname or port is None:
+        raise NetworkError(
+            f"invalid address {address!r}; expected ws://HOST:PORT or wss://HOST:PORT"
+        )
     return parts.hostname, port
 
 
-def _format(host: str, port: int) -> str:
-    return f"ws://[{host}]:{port}" if ":" in host else f"ws://{host}:{port}"
+def is_tls(address: str) -> bool:
+    """Whether ``address`` is a ``wss://`` (websocket over TLS) address."""
+    return address.startswith("wss://")
+
+
+def _format(host: str, port: int, scheme: str = "ws") -> str:
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def _tls_contexts(config: NetworkConfig) -> tuple[ssl.SSLContext | None, ssl.SSLContext]:
+    """(server context or None without a certificate, client context) from the config."""
+
+    def load(what: str, action: Callable[[], object]) -> None:
+        try:
+            action()
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"network.{what}: {exc}") from exc
+
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if config.tls_ca:
+        load("tls_ca", lambda: client.load_verify_locations(cafile=config.tls_ca))
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError("network.tls_cert and network.tls_key go together: give both or neither")
+    if not config.tls_cert:
+        if config.tls_client_auth:
+            raise ConfigError("network.tls_client_auth needs tls_cert and tls_key")
+        return None, client
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    load("tls_cert", lambda: server.load_cert_chain(config.tls_cert, config.tls_key))
+    if config.tls_client_auth:
+        # Mutual TLS: clients must present a certificate the CA signed, and we present ours.
+        if not config.tls_ca:
+            raise ConfigError("network.tls_client_auth needs tls_ca to check client certificates")
+        server.verify_mode = ssl.CERT_REQUIRED
+        load("tls_ca", lambda: server.load_verify_locations(cafile=config.tls_ca))
+        load("tls_cert", lambda: client.load_cert_chain(config.tls_cert, config.tls_key))
+    return server, client
 
 
 class _Closed(Exception):
@@ -86,7 +128,7 @@ class WebsocketConnection:
 
     def __init__(
         self,
-        stream: trio.SocketStream,
+        stream: Stream,
         *,
         client: bool,
         remote: str,
@@ -258,6 +300,8 @@ class WebsocketConnection:
         view = np.empty(length, dtype=np.uint8).data.cast("B")
         view[:have] = self._buffer[:have]
         del self._buffer[:have]
+        if isinstance(self._stream, trio.SSLStream):
+            return await self._read_tls_payload(view, have)
         sock = self._stream.socket
         while have < length:
             try:
@@ -267,6 +311,19 @@ class WebsocketConnection:
             if not got:
                 raise _Closed
             have += got
+        return view
+
+    async def _read_tls_payload(self, view: memoryview, have: int) -> memoryview:
+        # TLS records are decrypted into buffers of their own: copy them in.
+        while have < len(view):
+            try:
+                data = await self._stream.receive_some(min(len(view) - have, self._read_size))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise _Closed from exc
+            if not data:
+                raise _Closed
+            view[have : have + len(data)] = data
+            have += len(data)
         return view
 
     # -- closing -------------------------------------------------------------------------
@@ -302,16 +359,16 @@ class WebsocketConnection:
 # -- the opening handshake (RFC 6455 §4) over h11 ------------------------------------------
 
 
-async def _next_http_event(stream: trio.SocketStream, conn: h11.Connection) -> object:
+async def _next_http_event(stream: Stream, conn: h11.Connection) -> object:
     while True:
         event = conn.next_event()
         if event is not h11.NEED_DATA:
             return event
         data = await stream.receive_some(_MAX_HANDSHAKE)
-        conn.receive_data(data)  # b"" tells h11 the peer closed
+        conn.receive_data(bytes(data))  # b"" tells h11 the peer closed
 
 
-async def _client_handshake(stream: trio.SocketStream, host: str, port: int) -> bytes:
+async def _client_handshake(stream: Stream, host: str, port: int) -> bytes:
     """Send the upgrade request, check the 101 answer; returns bytes already read past it."""
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HANDSHAKE)
     key = base64.b64encode(os.urandom(16)).decode()
@@ -338,7 +395,7 @@ async def _client_handshake(stream: trio.SocketStream, host: str, port: int) -> 
     return bytes(data)
 
 
-async def _server_handshake(stream: trio.SocketStream) -> bytes:
+async def _server_handshake(stream: Stream) -> bytes:
     """Answer a client's upgrade request with 101; returns bytes already read past it."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HANDSHAKE)
     event = await _next_http_event(stream, conn)
@@ -377,16 +434,27 @@ def _tune(stream: trio.SocketStream) -> None:
 
 
 class WebsocketTransport:
-    """Implements the :class:`Transport` interface over websockets."""
+    """Implements the :class:`Transport` interface over websockets.
+
+    With ``network.tls_cert`` and ``tls_key`` it serves ``wss://`` (TLS); it dials ``wss://``
+    addresses with TLS, checking the server's certificate against ``tls_ca`` (else the
+    system's trusted CAs) and its host name.
+    """
 
     def __init__(self, config: NetworkConfig | None = None) -> None:
         self.config = config or NetworkConfig()
+        self._server_tls, self._client_tls = _tls_contexts(self.config)
+
+    @property
+    def scheme(self) -> str:
+        """``wss`` when this transport serves TLS, else ``ws``."""
+        return "wss" if self._server_tls is not None else "ws"
 
     def validate_address(self, address: str) -> None:
         parse_address(address)
 
     def _wrap(
-        self, stream: trio.SocketStream, *, client: bool, remote: str, buffered: bytes
+        self, stream: Stream, *, client: bool, remote: str, buffered: bytes
     ) -> WebsocketConnection:
         return WebsocketConnection(
             stream,
@@ -400,18 +468,26 @@ class WebsocketTransport:
     @asynccontextmanager
     async def connect(self, address: str) -> AsyncIterator[Connection]:
         host, port = parse_address(address)
-        url = _format(host, port)
+        tls = is_tls(address)
+        url = _format(host, port, "wss" if tls else "ws")
         try:
             with trio.fail_after(self.config.connect_timeout):
-                stream = await trio.open_tcp_stream(host, port)
+                tcp = await trio.open_tcp_stream(host, port)
+                stream: Stream = tcp
                 try:
-                    _tune(stream)
+                    _tune(tcp)
+                    if tls:
+                        stream = trio.SSLStream(tcp, self._client_tls, server_hostname=host)
+                        await stream.do_handshake()
                     buffered = await _client_handshake(stream, host, port)
                 except BaseException:
                     await trio.aclose_forcefully(stream)
                     raise
         except trio.TooSlowError as exc:
             raise NetworkError(f"timed out connecting to {url}") from exc
+        except trio.BrokenResourceError as exc:  # TLS: the certificate was refused
+            cause = exc.__cause__ or exc
+            raise NetworkError(f"TLS handshake with {url} failed: {cause}") from exc
         except (OSError, h11.ProtocolError) as exc:
             raise NetworkError(f"cannot connect to {url}: {exc}") from exc
         conn = self._wrap(stream, client=True, remote=url, buffered=buffered)
@@ -430,10 +506,13 @@ class WebsocketTransport:
         host, port = parse_address(address)
         active: collections.Counter[str] = collections.Counter()  # open connections by source
 
-        async def on_stream(stream: trio.SocketStream) -> None:
-            host_port = stream.socket.getpeername()
+        async def on_stream(tcp: trio.SocketStream) -> None:
+            host_port = tcp.socket.getpeername()
             source = str(host_port[0])
-            remote = _format(source, int(host_port[1]))
+            remote = _format(source, int(host_port[1]), self.scheme)
+            stream: Stream = tcp
+            if self._server_tls is not None:
+                stream = trio.SSLStream(tcp, self._server_tls, server_side=True)
             if (
                 active.total() >= self.config.max_connections
                 or active[source] >= self.config.max_connections_per_address
@@ -457,9 +536,9 @@ class WebsocketTransport:
                 if not active[source]:
                     del active[source]
 
-        async def serve_stream(stream: trio.SocketStream, remote: str) -> None:
+        async def serve_stream(stream: Stream, remote: str) -> None:
             try:
-                _tune(stream)
+                _tune(stream if isinstance(stream, trio.SocketStream) else stream.transport_stream)
                 with trio.fail_after(self.config.connect_timeout):
                     buffered = await _server_handshake(stream)
             except (
@@ -484,8 +563,10 @@ class WebsocketTransport:
         try:
             listeners = await trio.open_tcp_listeners(port, host=host)
         except OSError as exc:
-            raise NetworkError(f"cannot listen on {_format(host, port)}: {exc.strerror}") from exc
+            raise NetworkError(
+                f"cannot listen on {_format(host, port, self.scheme)}: {exc.strerror}"
+            ) from exc
         bound_port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, on_stream, listeners)
-            task_status.started(_format(host, bound_port))
+            task_status.started(_format(host, bound_port, self.scheme))

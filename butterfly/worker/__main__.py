@@ -16,10 +16,11 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+import attrs
 import torch
 import trio
 
-from ..config import load_config
+from ..config import ButterflyConfig, load_config
 from ..credentials import is_loopback, load_secret
 from ..errors import ButterflyError
 from ..model import ModelSource
@@ -105,6 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
         "it sends is decoded",
     )
     p.add_argument(
+        "--tls-cert", metavar="PEM", help="serve wss:// (TLS) with this certificate chain"
+    )
+    p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    p.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        help="CA certificates that wss:// peers must be signed by (default: the system's)",
+    )
+    p.add_argument(
+        "--tls-client-auth",
+        action="store_true",
+        help="mutual TLS: accept only clients whose certificate --tls-ca signed",
+    )
+    p.add_argument(
         "--insecure",
         action="store_true",
         help="allow listening on a non-loopback address without a secret: anyone who can "
@@ -146,6 +161,21 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     raise SystemExit(code)
 
 
+def _with_tls(config: ButterflyConfig, args: argparse.Namespace) -> ButterflyConfig:
+    """The config with the --tls-* flags (they override the file's network.tls_* keys)."""
+    given = {
+        key: value
+        for key, value in {
+            "tls_cert": args.tls_cert,
+            "tls_key": args.tls_key,
+            "tls_ca": args.tls_ca,
+            "tls_client_auth": args.tls_client_auth or None,
+        }.items()
+        if value is not None
+    }
+    return attrs.evolve(config, network=attrs.evolve(config.network, **given))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -158,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.advertise:
             parse_address(args.advertise)
         secret = load_secret(secret_file=args.secret_file or config.network.secret_file)
+        config = _with_tls(config, args)
+        transport = WebsocketTransport(config.network)
     except ButterflyError as exc:
         _fail(str(exc), 2)
     if secret is None and not is_loopback(host):
@@ -203,8 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     source = ModelSource(args.model, weights=args.weights, device=device, dtype=dtype)
     worker = WorkerService(
         source,
-        transport=WebsocketTransport(config.network),
-        listen=f"ws://{host}:{port}",
+        transport=transport,
+        listen=f"{transport.scheme}://{host}:{port}",
         config=config,
         peers=peers,
         advertise=args.advertise,
