@@ -16,6 +16,10 @@ What is measured, on loopback (127.0.0.1, ports chosen by the kernel), in one ru
      preallocated buffer in reads of at most 1 MiB (the same as
      ``NetworkConfig.receive_buffer_size``). Same direction as the design one.
 
+   * The same stack with a shared secret (``websocket+MAC``: the authenticated handshake,
+     then a 16-byte AES-GMAC tag on every frame), and with TLS on top (``wss+MAC``: a
+     certificate for 127.0.0.1 from a throwaway trustme CA).
+
 2. **Round-trip time** of a 4 KiB message (the dialling side sends, the accepting side
    echoes it back) over both stacks; the figure of one repetition is the median of its
    round trips, in microseconds.
@@ -39,19 +43,22 @@ Run it as ``python -m bench.transport [--quick] [--json PATH]``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
 import struct
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
+import attrs
 import numpy as np
 import trio
 
@@ -371,8 +378,23 @@ class Scenario:
     warmup: Sample
 
 
+@contextlib.contextmanager
+def tls_config(config: NetworkConfig) -> Iterator[NetworkConfig]:
+    """``config`` with a certificate for 127.0.0.1 from a throwaway CA (trustme)."""
+    import trustme
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert(LOOPBACK)
+    with tempfile.TemporaryDirectory() as directory:
+        cert, key, ca_file = (Path(directory) / n for n in ("cert.pem", "key.pem", "ca.pem"))
+        leaf.private_key_and_cert_chain_pem.write_to_path(str(cert))
+        leaf.private_key_pem.write_to_path(str(key))
+        ca.cert_pem.write_to_path(str(ca_file))
+        yield attrs.evolve(config, tls_cert=str(cert), tls_key=str(key), tls_ca=str(ca_file))
+
+
 def scenarios(
-    settings: Settings, websocket: Pair, authenticated: Pair, raw: Pair
+    settings: Settings, websocket: Pair, authenticated: Pair, tls: Pair, raw: Pair
 ) -> list[Scenario]:
     """Every (name, sampler) of the run, on already connected pairs."""
     bulk = np.random.default_rng(0).standard_normal(settings.message_bytes // 4, dtype=np.float32)
@@ -380,6 +402,7 @@ def scenarios(
     ws_accepted, ws_dialled = websocket
     raw_accepted, raw_dialled = raw
     auth_accepted, auth_dialled = authenticated
+    tls_accepted, tls_dialled = tls
 
     def rate(sender: Channel, receiver: Channel) -> tuple[Sample, Sample]:
         return (
@@ -397,27 +420,34 @@ def scenarios(
         Scenario("websocket accepted->dialled", "MB/s", *rate(ws_accepted, ws_dialled)),
         Scenario("websocket dialled->accepted", "MB/s", *rate(ws_dialled, ws_accepted)),
         Scenario("websocket+MAC accepted->dialled", "MB/s", *rate(auth_accepted, auth_dialled)),
+        Scenario("wss+MAC accepted->dialled", "MB/s", *rate(tls_accepted, tls_dialled)),
         Scenario("raw TCP accepted->dialled", "MB/s", *rate(raw_accepted, raw_dialled)),
         Scenario("websocket round trip", "us", *rtt(ws_dialled, ws_accepted)),
         Scenario("websocket+MAC round trip", "us", *rtt(auth_dialled, auth_accepted)),
+        Scenario("wss+MAC round trip", "us", *rtt(tls_dialled, tls_accepted)),
         Scenario("raw TCP round trip", "us", *rtt(raw_dialled, raw_accepted)),
     ]
 
 
 async def run(settings: Settings) -> list[Summary]:
     config = NetworkConfig()
-    async with (
-        websocket_pair(config) as websocket,
-        websocket_pair(config, secret=BENCH_SECRET) as authenticated,
-        raw_pair(settings.message_bytes, config.receive_buffer_size) as raw,
-    ):
-        plan = scenarios(settings, websocket, authenticated, raw)
-        for scenario in plan:
-            await scenario.warmup()
-        samples: dict[str, list[float]] = {s.name: [] for s in plan}
-        for _ in range(settings.repeats):
-            for scenario in plan:  # interleaved: drift hits every scenario alike
-                samples[scenario.name].append(await scenario.sample())
+    with tls_config(config) as with_tls:
+        async with (
+            websocket_pair(config) as websocket,
+            websocket_pair(config, secret=BENCH_SECRET) as authenticated,
+            websocket_pair(with_tls, secret=BENCH_SECRET) as tls,
+            raw_pair(settings.message_bytes, config.receive_buffer_size) as raw,
+        ):
+            return await _measure(settings, scenarios(settings, websocket, authenticated, tls, raw))
+
+
+async def _measure(settings: Settings, plan: list[Scenario]) -> list[Summary]:
+    for scenario in plan:
+        await scenario.warmup()
+    samples: dict[str, list[float]] = {s.name: [] for s in plan}
+    for _ in range(settings.repeats):
+        for scenario in plan:  # interleaved: drift hits every scenario alike
+            samples[scenario.name].append(await scenario.sample())
     return [Summary(s.name, s.unit, samples[s.name]) for s in plan]
 
 
@@ -446,6 +476,12 @@ def ratios(results: dict[str, Summary]) -> dict[str, dict[str, Any]]:
         },
         "MAC time added to a round trip": {
             "value": mac_rtt,
+            "target": "(info)",
+            "met": True,
+        },
+        "throughput wss+MAC/websocket+MAC": {
+            "value": results["wss+MAC accepted->dialled"].median
+            / results["websocket+MAC accepted->dialled"].median,
             "target": "(info)",
             "met": True,
         },

@@ -154,7 +154,10 @@ class Peer:
     async def receive(self) -> Message:
         """Next decoded message; raises ``NetworkError`` on close, ``ProtocolError`` on garbage,
         ``AuthenticationError`` (and closes the connection) on a frame with a wrong tag."""
-        return decode(await self._receive_frame(), max_size=self.max_message_size)
+        message = decode(await self._receive_frame(), max_size=self.max_message_size)
+        if isinstance(message, Hello):
+            raise ProtocolError(f"{self.remote} sent a second Hello after the handshake")
+        return message
 
     async def _receive_frame(self) -> Buffer:
         frame = await self.conn.receive()

@@ -21,6 +21,7 @@ from ..errors import ProtocolError
 __all__ = [
     "CloseCode",
     "FrameHeader",
+    "InvalidPayload",
     "Opcode",
     "accept_key",
     "close_payload",
@@ -29,6 +30,8 @@ __all__ = [
     "masked_copy",
     "parse_close",
     "parse_header",
+    "valid_close_code",
+    "valid_key",
 ]
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -54,7 +57,22 @@ class CloseCode(enum.IntEnum):
     GOING_AWAY = 1001
     PROTOCOL_ERROR = 1002
     UNSUPPORTED_DATA = 1003
+    INVALID_PAYLOAD = 1007
     MESSAGE_TOO_BIG = 1009
+
+
+def valid_close_code(code: int) -> bool:
+    """Whether a peer may send ``code`` in a close frame (RFC 6455 §7.4; 1004–1006 and 1015
+    are reserved, 1016–2999 unassigned, 3000–4999 for libraries and applications)."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+def valid_key(key: bytes) -> bool:
+    """Whether ``key`` is a ``Sec-WebSocket-Key``: base64 of 16 bytes (RFC 6455 §4.1)."""
+    try:
+        return len(base64.b64decode(key.strip(), validate=True)) == 16
+    except ValueError:
+        return False
 
 
 def accept_key(key: str | bytes) -> str:
@@ -178,8 +196,23 @@ def close_payload(code: CloseCode | int, reason: str = "") -> bytes:
 
 
 def parse_close(payload: bytes) -> tuple[int, str]:
-    """``(code, reason)`` of a close frame; ``(1005, "")`` when it carries none (RFC 6455 §7.1.5)."""
-    if len(payload) < 2:
+    """``(code, reason)`` of a close frame; ``(1005, "")`` when it carries none (RFC 6455 §7.1.5).
+
+    Raises ``ProtocolError`` for a 1-byte payload or a code a peer may not send, and
+    ``InvalidPayload`` (a ``ProtocolError``) for a reason that is not UTF-8.
+    """
+    if not payload:
         return 1005, ""
+    if len(payload) == 1:
+        raise ProtocolError("close frame with a 1-byte payload")
     (code,) = struct.unpack_from("!H", payload)
-    return code, payload[2:].decode(errors="replace")
+    if not valid_close_code(code):
+        raise ProtocolError(f"close frame with code {code}, which a peer may not send")
+    try:
+        return code, payload[2:].decode()
+    except UnicodeDecodeError:
+        raise InvalidPayload("close frame whose reason is not UTF-8") from None
+
+
+class InvalidPayload(ProtocolError):
+    """Data that is not what its frame says (RFC 6455 §7.4.1 code 1007)."""

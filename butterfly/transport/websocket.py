@@ -23,6 +23,7 @@ import os
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 import h11
@@ -35,6 +36,7 @@ from .base import Buffer, Connection, ConnectionHandler
 from .rfc6455 import (
     CloseCode,
     FrameHeader,
+    InvalidPayload,
     Opcode,
     accept_key,
     close_payload,
@@ -43,6 +45,7 @@ from .rfc6455 import (
     masked_copy,
     parse_close,
     parse_header,
+    valid_key,
 )
 
 __all__ = ["WebsocketConnection", "WebsocketTransport", "is_tls", "parse_address"]
@@ -223,7 +226,15 @@ class WebsocketConnection:
         size = 0
         while True:
             try:
-                header = await self._read_header()
+                try:
+                    header = await self._read_header()
+                except ProtocolError as exc:
+                    await self._fail(CloseCode.PROTOCOL_ERROR, str(exc))
+                # Checked before the payload is read: a wrong frame costs us no memory.
+                if (header.mask_key is not None) == self._client:
+                    await self._fail(
+                        CloseCode.PROTOCOL_ERROR, "frame masking is the wrong way round"
+                    )
                 if header.length > self.max_message_size - size:
                     await self._fail(
                         CloseCode.MESSAGE_TOO_BIG,
@@ -236,8 +247,6 @@ class WebsocketConnection:
                 raise NetworkError(
                     f"connection to {self._remote} closed: {self._closed_reason}"
                 ) from None
-            if (header.mask_key is not None) == self._client:
-                await self._fail(CloseCode.PROTOCOL_ERROR, "frame masking is the wrong way round")
             if header.mask_key is not None:
                 mask(payload, header.mask_key)
             opcode = header.opcode
@@ -260,14 +269,19 @@ class WebsocketConnection:
             await self._send_frame(Opcode.PONG, (payload,))
         elif opcode is Opcode.CLOSE:
             self._peer_done = True
-            code, reason = parse_close(payload)
+            try:
+                code, reason = parse_close(payload)
+            except InvalidPayload as exc:
+                await self._fail(CloseCode.INVALID_PAYLOAD, str(exc))
+            except ProtocolError as exc:
+                await self._fail(CloseCode.PROTOCOL_ERROR, str(exc))
             self._closed_reason = f"peer closed with code {code}" + (
                 f" ({reason})" if reason else ""
             )
             await self._send_close(code if code != 1005 else CloseCode.NORMAL)
             raise NetworkError(f"connection to {self._remote} closed: {self._closed_reason}")
 
-    async def _fail(self, code: CloseCode, reason: str) -> None:
+    async def _fail(self, code: CloseCode, reason: str) -> NoReturn:
         self._closed_reason = reason
         await self._send_close(code, reason)
         raise ProtocolError(f"{self._remote}: {reason}")
@@ -405,6 +419,8 @@ async def _server_handshake(stream: Stream) -> bytes:
     key = next((v for n, v in event.headers if n.lower() == b"sec-websocket-key"), b"")
     if (
         event.method != b"GET"
+        or event.http_version != b"1.1"
+        or not valid_key(key)
         or headers.get(b"upgrade") != b"websocket"
         or b"upgrade" not in headers.get(b"connection", b"")
         or headers.get(b"sec-websocket-version") != b"13"

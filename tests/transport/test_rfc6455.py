@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from butterfly.errors import ProtocolError
 from butterfly.transport.rfc6455 import (
+    InvalidPayload,
     Opcode,
     accept_key,
     close_payload,
@@ -16,6 +17,7 @@ from butterfly.transport.rfc6455 import (
     masked_copy,
     parse_close,
     parse_header,
+    valid_key,
 )
 
 
@@ -89,3 +91,41 @@ def test_masked_copy_equals_masking_a_copy(data: bytes, key: bytes, offset: int)
     out = bytearray(len(data))
     masked_copy(memoryview(out), data, key, offset=offset)
     assert bytes(out) == _naive_mask(data, key, offset)
+
+
+@pytest.mark.parametrize("code", [999, 1004, 1005, 1006, 1015, 2999, 5000, 65535])
+def test_a_close_code_a_peer_may_not_send_is_refused(code: int) -> None:
+    with pytest.raises(ProtocolError, match=f"close frame with code {code}"):
+        parse_close(code.to_bytes(2, "big"))
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 1003, 1007, 1011, 3000, 4999])
+def test_a_registered_or_application_close_code_is_accepted(code: int) -> None:
+    assert parse_close(code.to_bytes(2, "big") + b"bye") == (code, "bye")
+
+
+def test_a_close_reason_that_is_not_utf8_is_invalid_payload() -> None:
+    with pytest.raises(InvalidPayload, match="not UTF-8"):
+        parse_close(b"\x03\xe8\xff\xfe")
+
+
+def test_a_one_byte_close_payload_is_refused() -> None:
+    with pytest.raises(ProtocolError, match="1-byte payload"):
+        parse_close(b"\x03")
+
+
+def test_an_empty_close_payload_means_no_status_1005() -> None:
+    assert parse_close(b"") == (1005, "")
+
+
+@pytest.mark.parametrize(
+    ("key", "valid"),
+    [
+        (b"dGhlIHNhbXBsZSBub25jZQ==", True),  # the RFC's example: 16 bytes
+        (b"not base64!!", False),
+        (b"c2hvcnQ=", False),  # base64 of 5 bytes
+        (b"", False),
+    ],
+)
+def test_a_websocket_key_is_base64_of_16_bytes(key: bytes, valid: bool) -> None:
+    assert valid_key(key) is valid

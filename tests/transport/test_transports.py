@@ -12,7 +12,7 @@ import trio_websocket
 
 from butterfly.config import NetworkConfig
 from butterfly.errors import NetworkError, ProtocolError
-from butterfly.protocol import PROTOCOL_VERSION, Handshake, Heartbeat, Hello
+from butterfly.protocol import PROTOCOL_VERSION, Handshake, Heartbeat, Hello, encode
 from butterfly.transport import (
     Connection,
     MemoryNetwork,
@@ -235,3 +235,24 @@ async def test_peer_handshake_times_out_when_the_other_side_is_silent(
             await peer.handshake(
                 _hello("c", "coordinator"), Handshake(_hello("c", "coordinator")), timeout=3
             )
+
+
+async def test_a_second_hello_after_the_handshake_is_a_protocol_error() -> None:
+    net = MemoryNetwork()
+
+    async def hello_twice(conn: Connection) -> None:
+        await conn.send(encode(_hello("s", "worker")))
+        await conn.receive()
+        await conn.send(encode(_hello("impostor", "worker")))
+        await trio.sleep_forever()
+
+    async with (
+        serving(net, "memory", hello_twice) as address,
+        net.connect(address) as conn,
+        open_peer(conn, max_message_size=1 << 20, send_queue_size=2) as peer,
+    ):
+        await peer.handshake(
+            _hello("c", "coordinator"), Handshake(_hello("c", "coordinator")), timeout=5
+        )
+        with pytest.raises(ProtocolError, match="sent a second Hello after the handshake"):
+            await peer.receive()

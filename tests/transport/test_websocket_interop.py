@@ -110,3 +110,85 @@ async def test_server_that_is_not_websocket_is_a_network_error(nursery: trio.Nur
     with pytest.raises(NetworkError, match=r"websocket upgrade refused .* \(answer 404\)"):
         async with WebsocketTransport().connect(f"ws://127.0.0.1:{port}"):
             pass
+
+
+async def _upgraded(address: str, request: bytes | None = None) -> tuple[trio.SocketStream, bytes]:
+    """A raw stream after a websocket upgrade (or after ``request``), and the answer."""
+    host, port = address.removeprefix("ws://").split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(
+        request
+        or (
+            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+    )
+    return stream, await stream.receive_some(1024)
+
+
+async def _close_code(stream: trio.SocketStream) -> int:
+    """The code of the close frame the server sends next (after its 2-byte header)."""
+    with trio.fail_after(5):
+        data = b""
+        while len(data) < 4:
+            chunk = await stream.receive_some(1024)
+            assert chunk, "the server closed without a close frame"
+            data += chunk
+    assert data[0] == 0x88  # FIN + CLOSE
+    return int.from_bytes(data[2:4], "big")
+
+
+async def test_an_unmasked_client_frame_is_refused_with_1002_before_its_payload_is_read(
+    our_server: str,
+) -> None:
+    stream, answer = await _upgraded(our_server)
+    assert answer.startswith(b"HTTP/1.1 101 ")
+    # A header announcing 4 MiB, unmasked (a client must mask), and no payload at all.
+    await stream.send_all(bytes([0x82, 127]) + (4 << 20).to_bytes(8, "big"))
+    assert await _close_code(stream) == 1002
+    await stream.aclose()
+
+
+@pytest.mark.parametrize("code", [999, 1006, 65535])
+async def test_a_close_code_a_peer_may_not_send_is_answered_with_1002(
+    our_server: str, code: int
+) -> None:
+    stream, _ = await _upgraded(our_server)
+    key = b"\x01\x02\x03\x04"
+    payload = bytes(b ^ key[i % 4] for i, b in enumerate(code.to_bytes(2, "big")))
+    await stream.send_all(bytes([0x88, 0x80 | 2]) + key + payload)
+    assert await _close_code(stream) == 1002
+    await stream.aclose()
+
+
+async def test_a_close_reason_that_is_not_utf8_is_answered_with_1007(our_server: str) -> None:
+    stream, _ = await _upgraded(our_server)
+    key = b"\x00\x00\x00\x00"
+    await stream.send_all(bytes([0x88, 0x80 | 4]) + key + b"\x03\xe8\xff\xfe")
+    assert await _close_code(stream) == 1007
+    await stream.aclose()
+
+
+async def test_a_frame_with_reserved_bits_is_answered_with_1002(our_server: str) -> None:
+    stream, _ = await _upgraded(our_server)
+    await stream.send_all(bytes([0xC2, 0x80 | 1]) + b"\x00\x00\x00\x00x")  # RSV1 set
+    assert await _close_code(stream) == 1002
+    await stream.aclose()
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: not base64!!\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        b"GET / HTTP/1.0\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    ],
+    ids=["key-not-base64", "http-1.0"],
+)
+async def test_a_malformed_upgrade_is_refused_with_400(
+    our_server: str, request_bytes: bytes
+) -> None:
+    stream, answer = await _upgraded(our_server, request_bytes)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    await stream.aclose()
