@@ -63,8 +63,9 @@ class CloseCode(enum.IntEnum):
 
 def valid_close_code(code: int) -> bool:
     """Whether a peer may send ``code`` in a close frame (RFC 6455 §7.4; 1004–1006 and 1015
-    are reserved, 1016–2999 unassigned, 3000–4999 for libraries and applications)."""
-    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+    are reserved, 3000–4999 are for libraries and applications). 1014 and 1016–2999 are
+    refused as wsproto refuses them: the two framers must agree (tests/transport/test_differential.py)."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1013 or 3000 <= code <= 4999
 
 
 def valid_key(key: bytes) -> bool:
@@ -124,6 +125,9 @@ def parse_header(data: bytes | bytearray | memoryview) -> FrameHeader | None:
     fin = bool(b0 & 0x80)
     masked = bool(b1 & 0x80)
     length = b1 & 0x7F
+    # Known from the first two bytes: refuse at once, as wsproto does.
+    if opcode.is_control and (not fin or length > MAX_CONTROL_PAYLOAD):
+        raise ProtocolError(f"websocket {opcode.name} frame is fragmented or longer than 125 bytes")
     size = 2
     if length == 126:
         if len(data) < 4:
@@ -143,8 +147,6 @@ def parse_header(data: bytes | bytearray | memoryview) -> FrameHeader | None:
             return None
         mask_key = bytes(data[size : size + 4])
         size += 4
-    if opcode.is_control and (not fin or length > MAX_CONTROL_PAYLOAD):
-        raise ProtocolError(f"websocket {opcode.name} frame is fragmented or longer than 125 bytes")
     return FrameHeader(fin=fin, opcode=opcode, length=length, mask_key=mask_key, size=size)
 
 

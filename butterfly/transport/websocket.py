@@ -235,6 +235,14 @@ class WebsocketConnection:
                     await self._fail(
                         CloseCode.PROTOCOL_ERROR, "frame masking is the wrong way round"
                     )
+                if not header.opcode.is_control:
+                    if (header.opcode is Opcode.CONTINUATION) != bool(parts):
+                        await self._fail(CloseCode.PROTOCOL_ERROR, "unexpected continuation frame")
+                    if header.opcode is Opcode.TEXT:
+                        await self._fail(
+                            CloseCode.UNSUPPORTED_DATA,
+                            "text frame; only binary frames are accepted",
+                        )
                 if header.length > self.max_message_size - size:
                     await self._fail(
                         CloseCode.MESSAGE_TOO_BIG,
@@ -253,12 +261,6 @@ class WebsocketConnection:
             if opcode.is_control:
                 await self._on_control(opcode, payload.tobytes())
                 continue
-            if (opcode is Opcode.CONTINUATION) != bool(parts):
-                await self._fail(CloseCode.PROTOCOL_ERROR, "unexpected continuation frame")
-            if opcode is Opcode.TEXT:
-                await self._fail(
-                    CloseCode.UNSUPPORTED_DATA, "text frame; only binary frames are accepted"
-                )
             parts.append(payload)
             size += len(payload)
             if header.fin:

@@ -306,8 +306,8 @@ def test_a_thousand_idle_connections_from_one_address_are_capped_and_timed_out_w
         for s in idle:
             s.settimeout(5)
             assert s.recv(1) == b""
-        refused = Path(cluster.processes[0].log.name).read_text().count(
-            "max_connections_per_address 32"
+        refused = (
+            Path(cluster.processes[0].log.name).read_text().count("max_connections_per_address 32")
         )
         assert refused >= 500  # most were closed at once, not after a timeout
     finally:

@@ -1,12 +1,19 @@
-"""Our websocket adapter speaks standard RFC 6455: checked against trio-websocket (wsproto)."""
+"""Our websocket adapter speaks standard RFC 6455: checked against trio-websocket (wsproto)
+and against the websockets library, two independent implementations."""
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
+from collections.abc import Iterator
 from functools import partial
 
 import pytest
 import trio
 import trio_websocket
+import websockets.sync.client
+import websockets.sync.server
 
 from butterfly.config import NetworkConfig
 from butterfly.errors import NetworkError, ProtocolError
@@ -192,3 +199,64 @@ async def test_a_malformed_upgrade_is_refused_with_400(
     stream, answer = await _upgraded(our_server, request_bytes)
     assert answer.startswith(b"HTTP/1.1 400 ")
     await stream.aclose()
+
+
+# -- the websockets library: a second, independent implementation --------------------------
+
+
+@contextlib.contextmanager
+def our_echo_server_in_a_thread() -> Iterator[str]:
+    """Our server in a trio run of its own thread, for clients that block."""
+    ready: queue.Queue[tuple[str, trio.lowlevel.TrioToken, trio.CancelScope]] = queue.Queue()
+
+    async def main() -> None:
+        transport = WebsocketTransport(NetworkConfig(max_message_size=8 << 20))
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                address = await nursery.start(transport.serve, "ws://127.0.0.1:0", echo)
+                ready.put((address, trio.lowlevel.current_trio_token(), scope))
+
+    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
+    thread.start()
+    address, token, scope = ready.get(timeout=10)
+    try:
+        yield address
+    finally:
+        trio.from_thread.run_sync(scope.cancel, trio_token=token)
+        thread.join(10)
+
+
+def test_a_websockets_client_talks_to_our_server_without_compression() -> None:
+    with (
+        our_echo_server_in_a_thread() as address,
+        websockets.sync.client.connect(address, max_size=8 << 20) as ws,
+    ):
+        # websockets offers permessage-deflate; our server does not take it.
+        assert ws.response.headers.get("Sec-WebSocket-Extensions") is None
+        for payload in PAYLOADS:
+            ws.send(payload)
+            assert ws.recv(timeout=10) == payload
+
+
+def test_our_client_talks_to_a_websockets_server() -> None:
+    def echo_handler(ws: websockets.sync.server.ServerConnection) -> None:
+        for message in ws:
+            ws.send(message)
+
+    with websockets.sync.server.serve(echo_handler, "127.0.0.1", 0, max_size=8 << 20) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        port = server.socket.getsockname()[1]
+
+        async def talk() -> list[bytes]:
+            transport = WebsocketTransport(NetworkConfig(max_message_size=8 << 20))
+            answers = []
+            async with transport.connect(f"ws://127.0.0.1:{port}") as conn:
+                for payload in PAYLOADS:
+                    await conn.send(payload)
+                    answers.append(bytes(await conn.receive()))
+            return answers
+
+        try:
+            assert trio.run(talk) == PAYLOADS
+        finally:
+            server.shutdown()
