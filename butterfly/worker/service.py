@@ -35,6 +35,7 @@ from ..errors import (
     ComputeError,
     CoordinationError,
     NetworkError,
+    ProtocolError,
     error_kind,
 )
 from ..model import ModelInfo, ModelSource, StageRuntime
@@ -69,6 +70,8 @@ log = logging.getLogger(__name__)
 
 #: Cancelled request ids remembered per worker; older ones have long left the pipeline.
 _CANCELLED_MEMORY = 10_000
+#: Workers one worker keeps track of (and introduces itself to) at most.
+MAX_PEERS = 256
 #: Most bytes a worker sends back to answer one link probe.
 _MAX_PROBE_REPLY = 16 * PROBE_BYTES
 #: Placements kept per coordinator (the current one and the one before it).
@@ -287,6 +290,11 @@ class WorkerService:
                     )
                 case Assign():
                     self._spawn(self._assign, origin, message)
+                case Activation() if message.origin != origin:
+                    # Results go to the origin's connection: a client must not name another.
+                    raise ProtocolError(
+                        f"coordinator {origin!r} sent an Activation for {message.origin!r}"
+                    )
                 case Activation():
                     await self._admit(message)
                 case Cancel(request_id=rid):
@@ -321,6 +329,10 @@ class WorkerService:
 
     def _learn_peers(self, addresses: tuple[str, ...]) -> None:
         for address in addresses:
+            if len(self._announced) >= MAX_PEERS:
+                # A peer's Hello or Ack must not make us dial thousands of addresses.
+                log.warning("ignoring peers beyond %d known ones (e.g. %s)", MAX_PEERS, address)
+                return
             if address and address != self.address and address not in self.peers:
                 self.peers.append(address)
             if address and address != self.address and address not in self._announced:
