@@ -21,9 +21,6 @@ __all__ = ["Portal", "refuse_inside_trio"]
 
 T = TypeVar("T")
 
-#: How long a blocking call waits at most before the interpreter runs pending signal handlers.
-_SIGNAL_CHECK_S = 0.1
-
 
 def refuse_inside_trio(what: str) -> None:
     """Blocking calls inside a trio run would deadlock that run: refuse them clearly."""
@@ -127,10 +124,6 @@ class Portal:
         except (trio.RunFinishedError, RuntimeError):  # RuntimeError: the nursery is closing
             raise ApiError("this Butterfly is closed") from None
         try:
-            # Waited for in short slices: a signal that lands just before the thread blocks
-            # on the future's lock wakes nothing, and Ctrl-C would wait for the result.
-            while not future.done():
-                concurrent.futures.wait([future], timeout=_SIGNAL_CHECK_S)
             return future.result()
         except KeyboardInterrupt:
             self._cancel(scope)
