@@ -30,6 +30,12 @@ def test_help_documents_every_flag() -> None:
         "--config",
         "--advertise",
         "--max-memory",
+        "--secret-file",
+        "--insecure",
+        "--tls-cert",
+        "--tls-key",
+        "--tls-ca",
+        "--tls-client-auth",
     ):
         assert flag in result.stdout
 
