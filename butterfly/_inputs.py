@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import attrs
@@ -11,7 +10,8 @@ import torch
 
 from .errors import ApiError, ProtocolError
 from .model.tensors import torch_from_wire, torch_to_wire
-from .protocol import InputSpec, WireTensor, array_from_wire, array_to_wire
+from .protocol import WireTensor, array_from_wire, array_to_wire
+from .protocol.inputs import check_input as check_input
 
 __all__ = [
     "InputKind",
@@ -72,38 +72,6 @@ def from_wire(tensor: WireTensor, kind: InputKind) -> Any:
         return torch_from_wire(tensor).float().numpy()
     array = array_from_wire(tensor)
     return array if array.flags.writeable else array.copy()
-
-
-def _describe_shape(spec: InputSpec) -> str:
-    """E.g. ``(*, ..., 64)``: any leading sizes, any number of middle dims, 64 features."""
-    dims = ["*"] * max(spec.min_ndim - len(spec.trailing), 0)
-    if not spec.max_ndim:
-        dims.append("...")
-    dims += [str(d) for d in spec.trailing]
-    return "(" + ", ".join(dims) + ")"
-
-
-def check_input(tensor: WireTensor, spec: InputSpec, *, max_bytes: int) -> None:
-    """Raise ``ApiError`` naming expected and received when ``tensor`` does not fit ``spec``."""
-    shape = tuple(tensor.shape)
-    received = f"shape {shape} and dtype {tensor.dtype}"
-    expected = f"shape {_describe_shape(spec)}" + (f" and dtype {spec.dtype}" if spec.dtype else "")
-    if not shape:
-        raise ApiError(f"input has {received}: a batch-first tensor needs at least one dimension")
-    ok_rank = len(shape) >= max(spec.min_ndim, 1) and (
-        not spec.max_ndim or len(shape) <= spec.max_ndim
-    )
-    ok_tail = not spec.trailing or shape[-len(spec.trailing) :] == tuple(spec.trailing)
-    ok_dtype = not spec.dtype or tensor.dtype == spec.dtype
-    if not (ok_rank and ok_tail and ok_dtype):
-        raise ApiError(f"input has {received}; the model expects {expected}")
-    nbytes = len(tensor.data)
-    # Leave room for the message envelope around the payload.
-    if nbytes + 1024 > max_bytes:
-        raise ApiError(
-            f"input of {nbytes} bytes ({math.prod(shape)} elements) exceeds network.max_message_size "
-            f"({max_bytes} bytes); raise it on the coordinator and every worker, or split the batch"
-        )
 
 
 def check_timeout(timeout: float | None, what: str) -> None:

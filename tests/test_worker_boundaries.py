@@ -1,5 +1,6 @@
 """A connected peer is held to what its connection is: it cannot speak for another client,
-nor make a worker dial without bound (in-memory transport, real worker service)."""
+make a worker dial without bound, or feed the model an input it does not accept (in-memory
+transport, real worker service)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,22 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 import trio
 
-from butterfly.errors import NetworkError
+from butterfly import AsyncButterfly
+from butterfly.errors import ApiError, NetworkError
 from butterfly.protocol import (
     PROTOCOL_VERSION,
     Activation,
     Handshake,
     Hello,
+    InputSpec,
 )
 from butterfly.protocol.codec import array_to_wire
 from butterfly.transport import MemoryNetwork, open_peer
 from butterfly.worker.service import MAX_PEERS
-from tests.inmemory import start_workers
+from tests.inmemory import FAST, local_forward, start_workers
 from tests.waiting import wait_until
 
 
@@ -74,4 +78,20 @@ async def test_a_member_hello_listing_thousands_of_peers_is_followed_only_up_to_
             await trio.testing.wait_all_tasks_blocked()
             assert len(worker._announced) == MAX_PEERS
             assert len(worker.peers) <= MAX_PEERS
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_first_stage_refuses_an_input_the_client_did_not_check() -> None:
+    net = MemoryNetwork()
+    async with trio.open_nursery() as nursery:
+        await start_workers(nursery, net, "butterfly.model.zoo:mlp", n=2)
+        async with AsyncButterfly.connect(["mem://w0"], transport=net, config=FAST) as b:
+            b._system.coordination.input_spec = InputSpec()  # a client that checks nothing
+            with pytest.raises(
+                ApiError,
+                match=r"input has shape \(2, 63\) and dtype float32; the model expects shape \(\*, \.\.\., 64\)",
+            ):
+                await b.infer(torch.zeros(2, 63))
+            x = torch.randn(2, 64)  # and the cluster keeps serving
+            torch.testing.assert_close(await b.infer(x), local_forward(x), rtol=0, atol=0)
         nursery.cancel_scope.cancel()

@@ -59,6 +59,7 @@ from ..protocol import (
     Result,
     StageSpec,
 )
+from ..protocol.inputs import check_input
 from ..transport import Connection, Peer, Transport, dial_peer, open_peer
 from ..types import PROBE_BYTES
 
@@ -574,6 +575,12 @@ class WorkerService:
             raise CoordinationError(
                 f"layer {first} is not in stage {stage} of epoch {activation.epoch} "
                 f"(layers {plan.stages[stage].start}..{plan.stages[stage].stop - 1})"
+            )
+        if first == 0:
+            # The client checked this too, but a worker does not rely on its clients.
+            assert self.info is not None
+            check_input(
+                tensor, self.info.input_spec, max_bytes=self.config.network.max_message_size
             )
         compute_s = activation.compute_s
         while True:
