@@ -131,6 +131,13 @@ class ButterflySystem:
         prompt = check_token_ids(input_ids)
         params = SamplingParams.check(**sampling)
         check_timeout(timeout, "timeout")
+        context = self.coordination.input_spec.max_length
+        if context and prompt.shape[1] + params.max_new_tokens - 1 > context:
+            raise ApiError(
+                f"a prompt of {prompt.shape[1]} tokens and max_new_tokens={params.max_new_tokens} "
+                f"need {prompt.shape[1] + params.max_new_tokens - 1} positions; the model's "
+                f"context is {context}"
+            )
         kind = InputKind(
             is_torch=isinstance(input_ids, torch.Tensor),
             device=input_ids.device if isinstance(input_ids, torch.Tensor) else None,

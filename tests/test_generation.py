@@ -19,12 +19,13 @@ import trio.lowlevel
 
 from butterfly import AsyncButterfly
 from butterfly.config import load_config
-from butterfly.errors import ApiError, ComputeError
+from butterfly.errors import ApiError
 from butterfly.model import ModelSource
+from butterfly.protocol import InputSpec
 from butterfly.transport import MemoryNetwork
 from butterfly.worker import WorkerService
 from tests.hf_models import MODEL_CLASSES
-from tests.inmemory import FAST
+from tests.inmemory import FAST, acquainted
 
 DECODERS = ("gpt2", "llama")
 
@@ -83,7 +84,7 @@ class Cluster:
             await nursery.start(_serve, scope, worker)
             self.scopes.append(scope)
             self.workers.append(worker)
-        await trio.sleep(0.05)
+        await acquainted(self.workers)
 
 
 async def _serve(
@@ -392,20 +393,6 @@ async def test_rows_padded_on_either_side_each_generate_what_they_would_alone(
         nursery.cancel_scope.cancel()
 
 
-async def test_generating_beyond_the_context_length_fails_with_its_position(
-    saved: Callable[[str], Path],
-) -> None:
-    cluster = Cluster()  # GPT-2's learned positions end at 32
-    async with trio.open_nursery() as nursery:
-        await cluster.start(nursery, saved("gpt2"))
-        async with AsyncButterfly.connect(["mem://w0"], transport=cluster.net, config=FAST) as b:
-            with pytest.raises(ComputeError, match="token position 32 is beyond the model's 32"):
-                await b.generate(prompt(batch=1, seq=30), max_new_tokens=5)
-            out = await b.generate(prompt(batch=1), max_new_tokens=2)
-            assert out.shape == (1, 7)
-        nursery.cancel_scope.cancel()
-
-
 async def test_a_worker_frees_idle_sessions_without_a_step_to_notice_them(
     saved: Callable[[str], Path],
 ) -> None:
@@ -422,4 +409,29 @@ async def test_a_worker_frees_idle_sessions_without_a_step_to_notice_them(
             while store.statistics()["sessions"]:  # noqa: ASYNC110 (a counter, no event)
                 await trio.sleep(0.05)
         assert store.evicted == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_inputs_beyond_the_context_are_refused_by_the_client_and_by_the_worker(
+    saved: Callable[[str], Path],
+) -> None:
+    cluster = Cluster()
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery, saved("gpt2"))  # n_positions = 32
+        async with AsyncButterfly.connect(["mem://w0"], transport=cluster.net, config=FAST) as b:
+            too_long = torch.zeros(1, 33, dtype=torch.int64)
+            with pytest.raises(
+                ApiError, match="input of 33 positions exceeds the model's context of 32"
+            ):
+                await b.infer(too_long)
+            with pytest.raises(ApiError, match="need 34 positions; the model's context is 32"):
+                await b.generate(prompt(batch=1, seq=30), max_new_tokens=5)
+            # A client that checks nothing meets the same refusal at the first stage.
+            b._system.coordination.input_spec = InputSpec()
+            with pytest.raises(
+                ApiError, match="input of 33 positions exceeds the model's context of 32"
+            ):
+                await b.infer(too_long)
+            out = await b.generate(prompt(batch=1, seq=30), max_new_tokens=3)  # 32 positions
+            assert out.shape == (1, 33)
         nursery.cancel_scope.cancel()

@@ -256,7 +256,12 @@ class HuggingFaceModel:
             num_layers=len(plans),
             fingerprint=model_fingerprint(digests),
             layer_digests=tuple(digests),
-            input_spec=InputSpec(dtype="int64", min_ndim=2, max_ndim=2),
+            input_spec=InputSpec(
+                dtype="int64",
+                min_ndim=2,
+                max_ndim=2,
+                max_length=self._load_config()[0].max_positions,
+            ),
             profiles=tuple(self._profiles(plans)) if self.profile else (),
         )
         self._info = info

@@ -34,6 +34,11 @@ def check_input(tensor: WireTensor, spec: InputSpec, *, max_bytes: int) -> None:
     ok_dtype = not spec.dtype or tensor.dtype == spec.dtype
     if not (ok_rank and ok_tail and ok_dtype):
         raise ApiError(f"input has {received}; the model expects {expected}")
+    if spec.max_length and len(shape) >= 2 and shape[1] > spec.max_length:
+        raise ApiError(
+            f"input of {shape[1]} positions exceeds the model's context of "
+            f"{spec.max_length} positions"
+        )
     nbytes = len(tensor.data)
     # Leave room for the message envelope around the payload.
     if nbytes + 1024 > max_bytes:

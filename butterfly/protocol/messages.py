@@ -59,13 +59,16 @@ class InputSpec(_Struct, frozen=True):
     """What the first stage accepts: used to reject bad input before it is sent.
 
     ``trailing`` lists the required sizes of the last dimensions; ``dtype`` is ``""``
-    when any dtype is accepted; ``max_ndim`` is 0 when unbounded.
+    when any dtype is accepted; ``max_ndim`` is 0 when unbounded. ``max_length`` bounds
+    the positions along dimension 1 — a sequence's tokens, its cached ones included — to
+    the model's context (0: unbounded).
     """
 
     dtype: str = ""
     min_ndim: int = 1
     max_ndim: int = 0
     trailing: tuple[int, ...] = ()
+    max_length: int = 0
 
 
 class LayerProfile(_Struct, frozen=True):

@@ -166,9 +166,11 @@ def test_half_precision_equals_transformers_loaded_in_that_dtype(
     assert torch.equal(got, expected)
 
 
-def test_input_spec_is_two_dimensional_int64_token_ids(saved: Callable[[str], Path]) -> None:
+def test_input_spec_is_two_dimensional_int64_token_ids_within_the_context(
+    saved: Callable[[str], Path],
+) -> None:
     info = ModelSource(f"hf:{saved('gpt2')}").describe()
-    assert info.input_spec == InputSpec(dtype="int64", min_ndim=2, max_ndim=2)
+    assert info.input_spec == InputSpec(dtype="int64", min_ndim=2, max_ndim=2, max_length=32)
 
 
 # -- fingerprints ------------------------------------------------------------------------------------
