@@ -42,6 +42,11 @@ class Connection(Protocol):
 
     async def aclose(self) -> None: ...
 
+    async def abort(self) -> None:
+        """Close at once, without the closing handshake: a task blocked sending or receiving
+        on the connection (a peer that stopped reading) gets ``NetworkError``."""
+        ...
+
 
 ConnectionHandler = Callable[[Connection], Awaitable[None]]
 

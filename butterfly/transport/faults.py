@@ -193,6 +193,9 @@ class _FaultyConnection:
     async def aclose(self) -> None:
         await self._inner.aclose()
 
+    async def abort(self) -> None:
+        await self._inner.abort()
+
     def _record(self, index: int, kind: str) -> None:
         self._net.faults.append(Fault(self.link, index, kind))
 

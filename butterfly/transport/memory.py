@@ -72,6 +72,9 @@ class MemoryConnection:
         await self._send.aclose()
         await self._receive.aclose()
 
+    async def abort(self) -> None:
+        await self.aclose()
+
 
 class MemoryNetwork:
     """A namespace of in-memory listeners; implements the :class:`Transport` interface."""

@@ -103,15 +103,7 @@ class Peer:
 
     async def send(self, message: Message) -> None:
         """Queue ``message``; waits while the queue is full. Raises ``NetworkError`` once broken."""
-        parts = encode_parts(message)
-        size = sum(len(p) for p in parts) + (TAG_BYTES if self._seal is not None else 0)
-        if size > self.max_message_size:
-            raise ProtocolError(
-                f"{type(message).__name__} of {size} bytes exceeds max_message_size "
-                f"{self.max_message_size}; raise network.max_message_size on every node"
-            )
-        if self._broken is not None:
-            raise self._broken
+        parts = self._encode(message)
         if not self._writers and not self._queued:
             await self._write(parts)
             return
@@ -121,6 +113,33 @@ class Peer:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._queued -= 1
             raise self._broken or NetworkError(f"connection to {self.remote} is closed") from None
+
+    def send_nowait(self, message: Message) -> bool:
+        """Queue ``message`` without waiting; ``False`` when the queue is full (the peer is
+        not reading). Raises ``NetworkError`` once broken."""
+        parts = self._encode(message)
+        self._queued += 1
+        try:
+            self._queue_in.send_nowait(parts)
+        except trio.WouldBlock:
+            self._queued -= 1
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._queued -= 1
+            raise self._broken or NetworkError(f"connection to {self.remote} is closed") from None
+        return True
+
+    def _encode(self, message: Message) -> tuple[Buffer, ...]:
+        parts = encode_parts(message)
+        size = sum(len(p) for p in parts) + (TAG_BYTES if self._seal is not None else 0)
+        if size > self.max_message_size:
+            raise ProtocolError(
+                f"{type(message).__name__} of {size} bytes exceeds max_message_size "
+                f"{self.max_message_size}; raise network.max_message_size on every node"
+            )
+        if self._broken is not None:
+            raise self._broken
+        return parts
 
     async def _write(self, parts: tuple[Buffer, ...]) -> None:
         self._writers += 1

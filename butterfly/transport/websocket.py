@@ -354,6 +354,11 @@ class WebsocketConnection:
         except NetworkError:
             pass
 
+    async def abort(self) -> None:
+        self._closed_reason = self._closed_reason or "aborted by this side"
+        self._close_sent = True
+        await trio.aclose_forcefully(self._stream)
+
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
             if self._closed_reason is None:

@@ -12,6 +12,7 @@ placement; an Activation names its coordinator (``origin``), epoch and stage.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import itertools
 import logging
@@ -619,7 +620,7 @@ class WorkerService:
             peer = self._coordinators.get(origin)
             if stage == len(plan.stages):
                 if peer is not None:
-                    await peer.send(Result(request_id=rid, epoch=activation.epoch, tensor=tensor))
+                    await self._answer(peer, origin, Result(rid, activation.epoch, tensor))
                 return
             first = plan.stages[stage].start
             checkpoint = None
@@ -637,7 +638,8 @@ class WorkerService:
             nxt = plan.stages[stage]
             if nxt.node_id == self.node_id:
                 if checkpoint is not None and peer is not None:
-                    await peer.send(checkpoint)
+                    with contextlib.suppress(NetworkError):
+                        peer.send_nowait(checkpoint)  # a coordinator that is behind can do without
             else:
                 link = await self._downstream_link(nxt)
                 await link.send(
@@ -656,7 +658,8 @@ class WorkerService:
                 )
                 # After the hand-off: the copy for the coordinator is off the critical path.
                 if checkpoint is not None and peer is not None:
-                    await peer.send(checkpoint)
+                    with contextlib.suppress(NetworkError):
+                        peer.send_nowait(checkpoint)  # a coordinator that is behind can do without
                 return
 
     async def _downstream_link(self, spec: StageSpec) -> Peer:
@@ -680,6 +683,22 @@ class WorkerService:
         self._cancelled[(origin, request_id)] = None
         while len(self._cancelled) > _CANCELLED_MEMORY:
             self._cancelled.popitem(last=False)
+
+    async def _answer(self, peer: Peer, origin: str, result: Result) -> None:
+        """Hand a Result to its coordinator without waiting on it. One that lets its queue
+        fill is not reading, and it must not hold this worker's tasks (and with them every
+        other client's requests) while it does not: its connection is aborted instead."""
+        try:
+            if peer.send_nowait(result):
+                return
+        except NetworkError:
+            return
+        log.warning(
+            "coordinator %s does not read its results (%d queued); closing its connection",
+            origin,
+            self.config.network.send_queue_size,
+        )
+        await peer.conn.abort()
 
     async def _report(self, activation: Activation, exc: ButterflyError) -> None:
         peer = self._coordinators.get(activation.origin)

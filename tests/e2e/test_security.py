@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
@@ -10,15 +11,28 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import trio
 import trio_websocket
 
-from butterfly import AuthenticationError, Butterfly, LocalCluster
+from butterfly import AuthenticationError, Butterfly, LocalCluster, NetworkError
+from butterfly.config import NetworkConfig
 from butterfly.model.zoo import mlp
-from butterfly.protocol import Activation, encode
+from butterfly.protocol import (
+    PROTOCOL_VERSION,
+    Activation,
+    Assign,
+    Assigned,
+    Handshake,
+    Heartbeat,
+    Hello,
+    StageSpec,
+    encode,
+)
 from butterfly.protocol.codec import array_to_wire
+from butterfly.transport import WebsocketTransport, open_peer
 from tests.models import counting_mlp
 
 pytestmark = pytest.mark.slow
@@ -177,7 +191,9 @@ def test_butterfly_local_gives_its_workers_a_secret_of_their_own() -> None:
 
 
 class BitFlipper:
-    """A TCP proxy to a worker that flips one bit in the next large chunk once armed."""
+    """A TCP proxy to a worker that, once armed, flips one bit in the first chunk that ends
+    beyond 4 KiB of traffic since arming: inside the one large frame of the test, however
+    the kernel splits it (the few small frames in between are heartbeats)."""
 
     def __init__(self, target: str) -> None:
         host, port = target.removeprefix("ws://").rsplit(":", 1)
@@ -185,6 +201,8 @@ class BitFlipper:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"ws://127.0.0.1:{self.listener.getsockname()[1]}"
         self.armed = threading.Event()
+        self._lock = threading.Lock()
+        self._since_armed = 0
         self.flipped = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -201,18 +219,25 @@ class BitFlipper:
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while chunk := source.recv(1 << 16):
-                if len(chunk) >= 8192 and self.armed.is_set():
-                    self.armed.clear()
-                    flipped = bytearray(chunk)
-                    flipped[len(flipped) // 2] ^= 0x10
-                    chunk = bytes(flipped)
-                    self.flipped.set()
-                sink.sendall(chunk)
+                sink.sendall(self._maybe_flip(chunk))
         except OSError:
             pass
         finally:
             for s in (source, sink):
                 s.close()
+
+    def _maybe_flip(self, chunk: bytes) -> bytes:
+        with self._lock:
+            if not self.armed.is_set():
+                return chunk
+            self._since_armed += len(chunk)
+            if self._since_armed <= 4096:
+                return chunk
+            self.armed.clear()
+            self.flipped.set()
+        flipped = bytearray(chunk)
+        flipped[len(flipped) // 2] ^= 0x10
+        return bytes(flipped)
 
     def close(self) -> None:
         self.listener.close()
@@ -223,7 +248,10 @@ def test_a_flipped_bit_closes_the_link_and_the_request_is_rerun_to_the_right_ans
     with LocalCluster("butterfly.model.zoo:mlp", workers=2, secret=SECRET) as cluster:
         proxy = BitFlipper(cluster.addresses[0])
         try:
-            seeds = [proxy.address, cluster.addresses[1]]
+            # Only the proxy is a seed: the coordinator learns the other worker from the
+            # first one's Hello, and the first one's own address (from its Acks) only once
+            # its session through the proxy holds that worker id, so it keeps the proxy.
+            seeds = [proxy.address]
             with Butterfly.connect(seeds, secret=SECRET, config=uniform) as b:
                 # 16 KiB: the request's input or its result (whichever crosses the proxy)
                 # is the only large frame on the proxied link.
@@ -334,3 +362,60 @@ def test_a_large_frame_before_authentication_is_refused_without_being_read(
         return 0
 
     assert trio.run(send_large) == 1009  # message too big
+
+
+async def _never_reads_its_results(address: str, node_id: str, stop: threading.Event) -> None:
+    """A coordinator (it has the secret) that places the model, floods the worker with 4 MiB
+    requests and heartbeats, and never reads another byte."""
+    transport = WebsocketTransport(NetworkConfig())
+    async with (
+        transport.connect(address) as conn,
+        open_peer(
+            conn, max_message_size=1 << 28, send_queue_size=16, secret=SECRET.encode(), dialer=True
+        ) as peer,
+    ):
+        me = Hello(
+            version=PROTOCOL_VERSION, node_id="hog", role="coordinator", heartbeat_interval=1.0
+        )
+        await peer.handshake(me, Handshake(me, expect_roles=frozenset({"worker"})), timeout=5)
+        stage = StageSpec(index=0, start=0, stop=6, node_id=node_id, address=address)
+        await peer.send(Assign(epoch=1, stages=(stage,)))
+        while not isinstance(await peer.receive(), Assigned):
+            pass
+        big = array_to_wire(np.zeros((16384, 64), dtype=np.float32))
+        with contextlib.suppress(NetworkError):  # until the worker drops us
+            for i in range(200):
+                await peer.send(Heartbeat(seq=i))
+                await peer.send(
+                    Activation(
+                        request_id=i, epoch=1, stage=0, origin="hog", layer=0, compute_s=0.0,
+                        session=0, position=0, keep=(), tensor=big,
+                    )
+                )  # fmt: skip
+            await trio.to_thread.run_sync(stop.wait, abandon_on_cancel=True)
+
+
+def test_a_client_that_never_reads_its_results_is_dropped_and_the_others_keep_being_served() -> (
+    None
+):
+    with LocalCluster("butterfly.model.zoo:mlp", workers=1, secret=SECRET) as cluster:
+        address, node_id = cluster.addresses[0], cluster.processes[0].node_id
+        x = torch.randn(1, 64)
+        with Butterfly.connect(cluster.addresses, secret=SECRET) as b:
+            stop = threading.Event()
+            hog = threading.Thread(
+                target=lambda: trio.run(_never_reads_its_results, address, node_id, stop),
+                daemon=True,
+            )
+            hog.start()
+            try:
+                time.sleep(2)  # the hog's results fill its queue
+                for _ in range(10):
+                    started = time.monotonic()
+                    assert torch.equal(b.infer(x, timeout=10), _local(mlp(), x))
+                    assert time.monotonic() - started < 2
+            finally:
+                stop.set()
+                hog.join(10)
+        log_text = Path(cluster.processes[0].log.name).read_text()
+        assert "coordinator hog does not read its results" in log_text
