@@ -161,11 +161,7 @@ class Peer:
             finally:
                 self._write_lock.release()
         except NetworkError as exc:
-            # Close both directions so the receive loop ends too; senders see the cause.
-            self._broken = exc
-            self._queue_out.close()
-            with trio.CancelScope(shield=True):
-                await self.conn.aclose()
+            await self._break(exc)
             raise
         finally:
             self._writers -= 1
@@ -185,11 +181,15 @@ class Peer:
         try:
             return self._seal.open(frame)
         except AuthenticationError as exc:
-            self._broken = exc
-            self._queue_out.close()
-            with trio.CancelScope(shield=True):
-                await self.conn.aclose()
+            await self._break(exc)
             raise
+
+    async def _break(self, cause: NetworkError) -> None:
+        # Close both directions so the receive loop ends too; senders see the cause.
+        self._broken = cause
+        self._queue_out.close()
+        with trio.CancelScope(shield=True):
+            await self.conn.aclose()
 
     async def _drain(self) -> None:
         try:

@@ -584,7 +584,7 @@ class WorkerService:
             # later, padded): its length is checked by the coordinator, per generation.
             assert self.info is not None
             accepts = self.info.input_spec
-            if activation.session:
+            if activation.session and accepts.max_length:
                 accepts = msgspec.structs.replace(accepts, max_length=0)
             check_input(tensor, accepts, max_bytes=self.config.network.max_message_size)
         compute_s = activation.compute_s
