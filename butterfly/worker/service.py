@@ -404,7 +404,7 @@ class WorkerService:
             async with self._assign_lock:
                 self._check_plan(assign)
                 mine = [s for s in assign.stages if s.node_id == self.node_id]
-                self._check_memory(assign.epoch, mine)
+                self._check_memory(origin, assign.epoch, mine)
                 for spec in mine:
                     if (spec.start, spec.stop) not in self._runtimes:
                         layers = await self._off_loop(
@@ -420,22 +420,38 @@ class WorkerService:
                             in_thread=self.in_threads,
                             sessions=self.sessions,
                         )
-                for spec in mine:
-                    if spec.index > 0:
-                        upstream = assign.stages[spec.index - 1]
-                        if upstream.node_id != self.node_id:
-                            await self._ensure_upstream_link(upstream)
                 plans = self._plans.setdefault(origin, {})
                 plans[assign.epoch] = _Plan(assign.epoch, assign.stages, assign.checkpoint_interval)
                 for old in sorted(plans)[:-_KEPT_EPOCHS]:
                     del plans[old]
                 self._release_unused_stages()
+            # Linking waits on other workers, up to 2 × connect_timeout for one that does
+            # not answer: outside the lock, so that one placement naming an unreachable
+            # upstream does not hold up every other coordinator's.
+            try:
+                await self._link_upstreams(assign, mine)
+            except ButterflyError:
+                async with self._assign_lock:
+                    self._plans.get(origin, {}).pop(assign.epoch, None)
+                    self._release_unused_stages()
+                raise
             if peer is not None:
                 await peer.send(Assigned(epoch=assign.epoch, node_id=self.node_id))
         except ButterflyError as exc:
             log.warning("assignment %d from %s failed: %s", assign.epoch, origin, exc)
             if peer is not None:
                 await _send_quietly(peer, Error(kind=error_kind(exc), message=str(exc)))
+
+    async def _link_upstreams(self, assign: Assign, mine: list[StageSpec]) -> None:
+        upstreams = {
+            assign.stages[s.index - 1].node_id: assign.stages[s.index - 1]
+            for s in mine
+            if s.index > 0 and assign.stages[s.index - 1].node_id != self.node_id
+        }
+        with unwrap_groups():
+            async with trio.open_nursery() as nursery:
+                for upstream in upstreams.values():
+                    nursery.start_soon(self._ensure_upstream_link, upstream)
 
     def _check_plan(self, assign: Assign) -> None:
         assert self.info is not None
@@ -453,18 +469,30 @@ class WorkerService:
                 f"the model has {self.info.num_layers}"
             )
 
-    def _check_memory(self, epoch: int, mine: list[StageSpec]) -> None:
-        """Refuse stages whose weights exceed ``--max-memory`` (placement should never ask)."""
+    def _check_memory(self, origin: str, epoch: int, mine: list[StageSpec]) -> None:
+        """Refuse stages whose weights, with those every other coordinator's placement
+        holds here, exceed ``--max-memory`` (placement should never ask; a coordinator that
+        does must not make us hold copy after copy of the model). The origin's own earlier
+        placements do not count: they are kept only for the requests still on them."""
         assert self.info is not None
         if self.max_memory is None or not self.info.profiles:
             return
+        held = {
+            (s.start, s.stop)
+            for other, plans in self._plans.items()
+            if other != origin and plans
+            for s in plans[max(plans)].stages
+            if s.node_id == self.node_id
+        }
+        ranges = held | {(s.start, s.stop) for s in mine}
         needed = sum(
-            self.info.profiles[i].memory_bytes for s in mine for i in range(s.start, s.stop)
+            self.info.profiles[i].memory_bytes for start, stop in ranges for i in range(start, stop)
         )
         if needed > self.max_memory:
             raise CoordinationError(
-                f"placement epoch {epoch} gives worker {self.node_id} {needed} bytes of weights; "
-                f"its --max-memory is {self.max_memory}"
+                f"placement epoch {epoch} gives worker {self.node_id} {needed} bytes of weights "
+                f"(with the stages other coordinators placed here); its --max-memory is "
+                f"{self.max_memory}"
             )
 
     def _release_unused_stages(self) -> None:
