@@ -137,6 +137,11 @@ class NetworkConfig:
     max_message_size: int = attrs.field(default=256 * _MiB, validator=_positive)
     #: Bytes read from the socket per call.
     receive_buffer_size: int = attrs.field(default=1 * _MiB, validator=_positive)
+    #: Bytes of messages being received, or received and not yet taken by their reader,
+    #: across all of a node's connections. A frame that would exceed it closes its
+    #: connection (1013, try again later) and what was in flight is re-run elsewhere:
+    #: peers cannot make a worker hold a ``max_message_size`` frame on every connection.
+    max_buffered_bytes: int = attrs.field(default=1024 * _MiB, validator=_positive)
     #: Messages queued per peer before senders wait (backpressure, bounded memory).
     send_queue_size: int = attrs.field(default=16, validator=_positive)
     #: Seconds to open one connection (TCP + websocket handshake + Hello).
@@ -165,6 +170,13 @@ class NetworkConfig:
     #: is ignored). Every node proves it to every other before any message is decoded, and
     #: every frame is then authenticated. Empty: ``BUTTERFLY_SECRET``, else no authentication.
     secret_file: str = ""
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_buffered_bytes < self.max_message_size:
+            raise ValueError(
+                f"max_buffered_bytes ({self.max_buffered_bytes}) must be at least "
+                f"max_message_size ({self.max_message_size}): one whole message must fit"
+            )
 
 
 @attrs.frozen

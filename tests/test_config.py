@@ -89,3 +89,11 @@ def test_error_from_a_file_names_the_file_and_key(tmp_path: Path) -> None:
 def test_other_types_are_refused() -> None:
     with pytest.raises(ConfigError, match="got int"):
         load_config(5)  # type: ignore[arg-type]
+
+
+def test_a_receive_budget_smaller_than_one_message_is_refused() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"network: max_buffered_bytes \(1000\) must be at least max_message_size \(4096\)",
+    ):
+        load_config({"network": {"max_message_size": 4096, "max_buffered_bytes": 1000}})

@@ -59,6 +59,7 @@ class CloseCode(enum.IntEnum):
     UNSUPPORTED_DATA = 1003
     INVALID_PAYLOAD = 1007
     MESSAGE_TOO_BIG = 1009
+    TRY_AGAIN_LATER = 1013
 
 
 def valid_close_code(code: int) -> bool:

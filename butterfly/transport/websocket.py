@@ -122,6 +122,25 @@ class _Closed(Exception):
     """The peer closed the TCP stream."""
 
 
+class ReceiveBudget:
+    """Bytes of messages being received across all connections of one transport
+    (``network.max_buffered_bytes``): a connection takes a frame's length from it when the
+    frame's header arrives, and gives it back when its reader asks for the next message."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
 class WebsocketConnection:
     """A :class:`Connection` over one websocket on a trio socket stream.
 
@@ -138,6 +157,7 @@ class WebsocketConnection:
         max_message_size: int,
         read_size: int,
         buffered: bytes = b"",
+        budget: ReceiveBudget | None = None,
     ) -> None:
         self._stream = stream
         self._client = client
@@ -145,6 +165,8 @@ class WebsocketConnection:
         self.max_message_size = max_message_size
         self._read_size = read_size
         self._buffer = bytearray(buffered)
+        self._budget = budget or ReceiveBudget(max_message_size)
+        self._held = 0  # bytes of the budget taken by the message being (or last) received
         self._send_lock = trio.Lock()
         self._close_sent = False
         self._peer_done = False  # the peer sent its close frame or closed the stream
@@ -216,6 +238,7 @@ class WebsocketConnection:
         A single-frame message is returned as the buffer it was read into (no copy).
         """
         self._receiving = True
+        self._give_back()  # the last message is its reader's now
         try:
             return await self._receive()
         finally:
@@ -248,6 +271,15 @@ class WebsocketConnection:
                         CloseCode.MESSAGE_TOO_BIG,
                         f"message of more than {self.max_message_size} bytes (max_message_size)",
                     )
+                if not header.opcode.is_control:
+                    if not self._budget.take(header.length):
+                        await self._fail(
+                            CloseCode.TRY_AGAIN_LATER,
+                            # (a close reason has at most 123 bytes)
+                            f"{header.length}-byte frame refused: {self._budget.used} of "
+                            f"{self._budget.limit} bytes (network.max_buffered_bytes) held",
+                        )
+                    self._held += header.length
                 payload = await self._read_payload(header.length)
             except _Closed:
                 self._peer_done = True
@@ -354,9 +386,14 @@ class WebsocketConnection:
         except NetworkError:
             pass
 
+    def _give_back(self) -> None:
+        self._budget.give(self._held)
+        self._held = 0
+
     async def abort(self) -> None:
         self._closed_reason = self._closed_reason or "aborted by this side"
         self._close_sent = True
+        self._give_back()
         await trio.aclose_forcefully(self._stream)
 
     async def aclose(self) -> None:
@@ -374,6 +411,7 @@ class WebsocketConnection:
                             pass
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                         pass
+            self._give_back()
             await self._stream.aclose()
 
 
@@ -467,6 +505,7 @@ class WebsocketTransport:
     def __init__(self, config: NetworkConfig | None = None) -> None:
         self.config = config or NetworkConfig()
         self._server_tls, self._client_tls = _tls_contexts(self.config)
+        self._budget = ReceiveBudget(self.config.max_buffered_bytes)
 
     @property
     def scheme(self) -> str:
@@ -486,6 +525,7 @@ class WebsocketTransport:
             max_message_size=self.config.max_message_size,
             read_size=self.config.receive_buffer_size,
             buffered=buffered,
+            budget=self._budget,
         )
 
     @asynccontextmanager

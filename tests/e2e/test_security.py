@@ -33,6 +33,7 @@ from butterfly.protocol import (
 )
 from butterfly.protocol.codec import array_to_wire
 from butterfly.transport import WebsocketTransport, open_peer
+from butterfly.transport.rfc6455 import Opcode, encode_header
 from tests.models import counting_mlp
 
 pytestmark = pytest.mark.slow
@@ -419,3 +420,51 @@ def test_a_client_that_never_reads_its_results_is_dropped_and_the_others_keep_be
                 hog.join(10)
         log_text = Path(cluster.processes[0].log.name).read_text()
         assert "coordinator hog does not read its results" in log_text
+
+
+async def _hold_partial_frames(address: str, declared: int, sent: int, n: int) -> list[str]:
+    """``n`` authenticated coordinator connections, each sending the start of a frame that
+    declares ``declared`` bytes and stalling after ``sent`` of them; what each one then hears."""
+    transport = WebsocketTransport(NetworkConfig())
+    heard: list[str] = []
+    async with contextlib.AsyncExitStack() as stack:
+        for i in range(n):
+            conn = await stack.enter_async_context(transport.connect(address))
+            peer = await stack.enter_async_context(
+                open_peer(
+                    conn, max_message_size=1 << 20, send_queue_size=4, secret=SECRET.encode(),
+                    dialer=True,
+                )
+            )  # fmt: skip
+            me = Hello(version=PROTOCOL_VERSION, node_id=f"hold-{i}", role="coordinator")
+            await peer.handshake(me, Handshake(me, expect_roles=frozenset({"worker"})), timeout=5)
+            header = encode_header(Opcode.BINARY, declared, mask_key=b"\x01\x02\x03\x04")
+            await conn._stream.send_all(header + bytes(sent))  # type: ignore[attr-defined]
+            try:
+                with trio.move_on_after(1):
+                    await peer.receive()
+                heard.append("nothing")
+            except NetworkError as exc:
+                heard.append(str(exc))
+    return heard
+
+
+def test_partly_sent_frames_are_capped_across_connections_and_a_client_is_still_served(
+    tmp_path: Path,
+) -> None:
+    # Frames may be 8 MiB, and 16 MiB of them may be in the works at once: two 7 MiB
+    # frames stalled after 6 MiB fit; a third is refused when its header arrives.
+    config = tmp_path / "butterfly.toml"
+    config.write_text("[network]\nmax_message_size = 8388608\nmax_buffered_bytes = 16777216\n")
+    with LocalCluster(
+        "butterfly.model.zoo:mlp", workers=1, secret=SECRET, config=config
+    ) as cluster:
+        heard = trio.run(_hold_partial_frames, cluster.addresses[0], 7 << 20, 6 << 20, 3)
+        assert heard[:2] == ["nothing", "nothing"]
+        assert heard[2] == (
+            f"connection to {cluster.addresses[0]} closed: peer closed with code 1013 "
+            "(7340032-byte frame refused: 14680064 of 16777216 bytes (network.max_buffered_bytes) held)"
+        )
+        x = torch.randn(1, 64)  # the stalled frames' connections are gone: a client is served
+        with Butterfly.connect(cluster.addresses, secret=SECRET) as b:
+            assert torch.equal(b.infer(x), _local(mlp(), x))
