@@ -35,6 +35,7 @@ from butterfly.protocol.codec import array_to_wire
 from butterfly.transport import WebsocketTransport, open_peer
 from butterfly.transport.rfc6455 import Opcode, encode_header
 from tests.models import counting_mlp
+from tests.tolerance import torch_threads
 
 pytestmark = pytest.mark.slow
 
@@ -70,8 +71,9 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalClu
 
 
 def _local(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    torch.set_num_threads(1)
-    with torch.inference_mode():
+    """The reference, with one thread as each worker (and the caller's count restored: a
+    later test in this process compares its worker threads with its own forward bitwise)."""
+    with torch_threads(1), torch.inference_mode():
         return model(x)
 
 
