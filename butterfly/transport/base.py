@@ -12,10 +12,46 @@ from typing import Protocol
 
 import trio
 
-__all__ = ["Buffer", "Connection", "ConnectionHandler", "Transport"]
+__all__ = ["Buffer", "Check", "Connection", "ConnectionHandler", "Mac", "Transport"]
 
 #: What a message is made of on the way in and out.
 Buffer = bytes | bytearray | memoryview
+
+
+class Mac(Protocol):
+    """A frame's MAC, fed with its bytes in order (``butterfly.protocol.auth.FrameMac``)."""
+
+    size: int
+
+    def update(self, data: Buffer) -> None: ...
+
+    def finish(self) -> bytes: ...
+
+
+class Check(Mac, Protocol):
+    """A received frame's MAC and the comparison with its tag (``FrameCheck``)."""
+
+    def verify(self, tag: Buffer) -> None:
+        """Raise ``AuthenticationError`` unless ``tag`` is the MAC of what was fed."""
+        ...
+
+    def open(self, frame: Buffer) -> Buffer:
+        """``frame`` without its tag, checked (a frame received at once)."""
+        ...
+
+
+def sealed(parts: tuple[Buffer, ...], mac: Mac | None) -> tuple[Buffer, ...]:
+    """``parts`` followed by their tag, for a transport that writes a frame at once."""
+    if mac is None:
+        return parts
+    for part in parts:
+        mac.update(part)
+    return (*parts, mac.finish())
+
+
+def opened(frame: Buffer, check: Check | None) -> Buffer:
+    """``frame`` without its tag, checked, for a transport that receives a frame at once."""
+    return frame if check is None else check.open(frame)
 
 
 class Connection(Protocol):
@@ -23,6 +59,10 @@ class Connection(Protocol):
 
     ``send(*parts)`` sends one message: the concatenation of ``parts`` (so a large
     payload can be sent from its own memory, without first joining it to a header).
+    With ``mac``, the message is followed by its tag (``mac.finish()``), and with
+    ``check`` the last ``check.size`` bytes of the message received are its tag, checked
+    before it is returned without them: the connection feeds the MAC as the bytes go out
+    or come in, so that a large frame's MAC overlaps its transfer.
     ``send`` and ``receive`` raise :class:`~butterfly.errors.NetworkError` once the
     connection is closed or broken, and ``ProtocolError`` for a frame that is not binary.
     """
@@ -36,9 +76,9 @@ class Connection(Protocol):
     #: before its payload is read. Lowered during the handshake (see ``Peer.handshake``).
     max_message_size: int
 
-    async def send(self, *parts: Buffer) -> None: ...
+    async def send(self, *parts: Buffer, mac: Mac | None = None) -> None: ...
 
-    async def receive(self) -> Buffer: ...
+    async def receive(self, check: Check | None = None) -> Buffer: ...
 
     async def aclose(self) -> None: ...
 

@@ -30,7 +30,7 @@ import attrs
 import trio
 
 from ..errors import ConfigError, NetworkError
-from .base import Buffer, Connection, ConnectionHandler
+from .base import Buffer, Check, Connection, ConnectionHandler, Mac, opened, sealed
 from .memory import MemoryNetwork
 
 __all__ = ["Fault", "FaultyNetwork"]
@@ -187,8 +187,8 @@ class _FaultyConnection:
     def max_message_size(self, size: int) -> None:
         self._inner.max_message_size = size
 
-    async def send(self, *parts: Buffer) -> None:
-        await self._inner.send(*parts)
+    async def send(self, *parts: Buffer, mac: Mac | None = None) -> None:
+        await self._inner.send(*sealed(parts, mac))
 
     async def aclose(self) -> None:
         await self._inner.aclose()
@@ -223,7 +223,11 @@ class _FaultyConnection:
             draw -= p
         return index, ""
 
-    async def receive(self) -> Buffer:
+    async def receive(self, check: Check | None = None) -> Buffer:
+        # Faults act on frames as they travel, so before their tags are checked.
+        return opened(await self._next_frame(), check)
+
+    async def _next_frame(self) -> Buffer:
         if self._pending:
             return self._pending.popleft()
         while True:

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from ..errors import NetworkError, ProtocolError
-from .base import Buffer, Connection, ConnectionHandler
+from .base import Buffer, Check, Connection, ConnectionHandler, Mac, opened, sealed
 
 __all__ = ["MemoryConnection", "MemoryNetwork"]
 
@@ -41,8 +41,8 @@ class MemoryConnection:
     def remote(self) -> str:
         return self._remote
 
-    async def send(self, *parts: Buffer) -> None:
-        frame = b"".join(parts)
+    async def send(self, *parts: Buffer, mac: Mac | None = None) -> None:
+        frame = b"".join(sealed(parts, mac))
         if len(frame) > self.max_message_size:
             # Like a websocket peer answering 1009 (message too big): the link is lost.
             await self.aclose()
@@ -55,7 +55,7 @@ class MemoryConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise NetworkError(f"connection to {self._remote} is closed") from exc
 
-    async def receive(self) -> bytes:
+    async def receive(self, check: Check | None = None) -> Buffer:
         try:
             frame = await self._receive.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError) as exc:
@@ -66,7 +66,7 @@ class MemoryConnection:
                 f"{self._remote}: message of more than {self.max_message_size} bytes "
                 "(max_message_size)"
             )
-        return frame
+        return opened(frame, check)
 
     async def aclose(self) -> None:
         await self._send.aclose()

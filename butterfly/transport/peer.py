@@ -155,9 +155,9 @@ class Peer:
             else:
                 await self._write_lock.acquire()
             try:
-                tag = self._seal.tag(parts)
+                mac = self._seal.outgoing()
                 with trio.CancelScope(shield=True):
-                    await self.conn.send(*parts, tag)
+                    await self.conn.send(*parts, mac=mac)
             finally:
                 self._write_lock.release()
         except NetworkError as exc:
@@ -175,11 +175,10 @@ class Peer:
         return message
 
     async def _receive_frame(self) -> Buffer:
-        frame = await self.conn.receive()
         if self._seal is None:
-            return frame
+            return await self.conn.receive()
         try:
-            return self._seal.open(frame)
+            return await self.conn.receive(check=self._seal.incoming())
         except AuthenticationError as exc:
             await self._break(exc)
             raise

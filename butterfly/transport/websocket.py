@@ -32,7 +32,7 @@ import trio
 
 from ..config import NetworkConfig
 from ..errors import ConfigError, NetworkError, ProtocolError
-from .base import Buffer, Connection, ConnectionHandler
+from .base import Buffer, Check, Connection, ConnectionHandler, Mac, opened, sealed
 from .rfc6455 import (
     CloseCode,
     FrameHeader,
@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 
 #: Payloads up to this size are sent in one write with their header (one syscall).
 _SMALL = 64 * 1024
+#: Over TLS, bytes of a large frame written between two updates of its MAC (_send_some).
+_MAC_CHUNK = 1024 * 1024
 #: Bytes asked of the socket per read while looking for headers.
 _HEAD_READ = 64 * 1024
 #: Largest HTTP upgrade request or response accepted.
@@ -179,18 +181,29 @@ class WebsocketConnection:
 
     # -- sending -------------------------------------------------------------------------
 
-    async def send(self, *parts: Buffer) -> None:
-        await self._send_frame(Opcode.BINARY, parts)
+    async def send(self, *parts: Buffer, mac: Mac | None = None) -> None:
+        await self._send_frame(Opcode.BINARY, parts, mac)
 
-    async def _send_frame(self, opcode: Opcode, parts: tuple[Buffer, ...]) -> None:
+    async def _send_frame(
+        self, opcode: Opcode, parts: tuple[Buffer, ...], mac: Mac | None = None
+    ) -> None:
         if self._closed_reason is not None:
             raise NetworkError(f"connection to {self._remote} closed: {self._closed_reason}")
-        await self._write_frame(opcode, parts)
+        await self._write_frame(opcode, parts, mac)
 
-    async def _write_frame(self, opcode: Opcode, parts: tuple[Buffer, ...]) -> None:
+    async def _write_frame(
+        self, opcode: Opcode, parts: tuple[Buffer, ...], mac: Mac | None = None
+    ) -> None:
         length = sum(len(p) for p in parts)
+        if mac is not None and (self._client or length <= _SMALL):
+            # A small frame is MAC'd at once (joined: one call); a masked one is copied
+            # whole anyway. Only a large unmasked frame is MAC'd as it goes out.
+            parts = sealed((b"".join(parts),) if len(parts) > 1 else parts, mac)
+            length, mac = length + mac.size, None
         mask_key = os.urandom(4) if self._client else None
-        header = encode_header(opcode, length, mask_key=mask_key)
+        header = encode_header(opcode, length + (mac.size if mac else 0), mask_key=mask_key)
+        # Each write, with the bytes at its start that are not payload (a header).
+        writes: list[tuple[Buffer, int]]
         if mask_key is not None:
             # Masking must not touch the caller's buffers: XOR them into one new frame, one pass.
             joined = bytearray(len(header) + length)
@@ -199,19 +212,19 @@ class WebsocketConnection:
             for part in parts:
                 masked_copy(view[at : at + len(part)], part, mask_key, offset=at - len(header))
                 at += len(part)
-            writes: list[Buffer] = [joined]
+            writes = [(joined, len(header))]
         else:
             # Small parts ride with the header in one write; large ones go from their own memory.
             writes = []
-            pending = bytearray(header)
+            pending, skip = bytearray(header), len(header)
             for part in parts:
                 if len(part) <= _SMALL:
                     pending += part
                 else:
-                    writes += [pending, part]
-                    pending = bytearray()
+                    writes += [(pending, skip), (part, 0)]
+                    pending, skip = bytearray(), 0
             if pending:
-                writes.append(pending)
+                writes.append((pending, skip))
         # Uncontended (the usual case: one sending task per connection) the lock is taken
         # without a checkpoint; each checkpoint costs a scheduler pass on a 4 KiB round trip.
         if not self._send_lock.locked():
@@ -222,17 +235,43 @@ class WebsocketConnection:
             # A frame is written whole or the connection is dead: a half-written frame
             # would corrupt the stream. aclose() still ends a write stuck on a dead peer.
             with trio.CancelScope(shield=True):
-                for buffer in writes:
-                    await self._stream.send_all(buffer)
+                if mac is None:
+                    for buffer, _ in writes:
+                        await self._stream.send_all(buffer)
+                else:
+                    await self._write_sealed(writes, mac)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._closed_reason = self._closed_reason or f"send failed: {exc}"
             raise NetworkError(f"connection to {self._remote} closed: {exc}") from exc
         finally:
             self._send_lock.release()
 
+    async def _write_sealed(self, writes: list[tuple[Buffer, int]], mac: Mac) -> None:
+        # The MAC is fed what the kernel has just taken, while the kernel sends it: it
+        # runs alongside the transfer, and only the last piece's MAC adds to the hop.
+        for buffer, skip in writes:
+            view = memoryview(buffer)
+            sent = 0
+            while sent < len(view):
+                took = await self._send_some(view[sent:])
+                payload = view[max(sent, skip) : sent + took]
+                if len(payload):
+                    mac.update(payload)
+                sent += took
+        await self._stream.send_all(mac.finish())
+
+    async def _send_some(self, view: memoryview) -> int:
+        """Write what the kernel takes of ``view`` now (waiting until it takes something)."""
+        if isinstance(self._stream, trio.SocketStream):
+            took: int = await self._stream.socket.send(view)
+            return took
+        piece = view[:_MAC_CHUNK]  # TLS: no socket to ask; pieces of a fixed size
+        await self._stream.send_all(piece)
+        return len(piece)
+
     # -- receiving -----------------------------------------------------------------------
 
-    async def receive(self) -> Buffer:
+    async def receive(self, check: Check | None = None) -> Buffer:
         """The next binary message. Answers pings; raises ``NetworkError`` on close.
 
         A single-frame message is returned as the buffer it was read into (no copy).
@@ -240,11 +279,11 @@ class WebsocketConnection:
         self._receiving = True
         self._give_back()  # the last message is its reader's now
         try:
-            return await self._receive()
+            return await self._receive(check)
         finally:
             self._receiving = False
 
-    async def _receive(self) -> Buffer:
+    async def _receive(self, check: Check | None) -> Buffer:
         parts: list[memoryview] = []
         size = 0
         while True:
@@ -280,23 +319,29 @@ class WebsocketConnection:
                             f"{self._budget.limit} bytes (network.max_buffered_bytes) held",
                         )
                     self._held += header.length
-                payload = await self._read_payload(header.length)
+                # A message in one frame (all of ours) is MAC'd as it arrives.
+                streamed = (
+                    check if header.fin and not parts and not header.opcode.is_control else None
+                )
+                payload = await self._read_payload(header.length, header.mask_key, streamed)
             except _Closed:
                 self._peer_done = True
                 self._closed_reason = self._closed_reason or "the peer closed the stream"
                 raise NetworkError(
                     f"connection to {self._remote} closed: {self._closed_reason}"
                 ) from None
-            if header.mask_key is not None:
-                mask(payload, header.mask_key)
             opcode = header.opcode
             if opcode.is_control:
                 await self._on_control(opcode, payload.tobytes())
                 continue
+            if streamed is not None:
+                streamed.verify(payload[max(len(payload) - streamed.size, 0) :])
+                return payload[: len(payload) - streamed.size]
             parts.append(payload)
             size += len(payload)
             if header.fin:
-                return parts[0] if len(parts) == 1 else b"".join(parts)
+                message = parts[0] if len(parts) == 1 else b"".join(parts)
+                return opened(message, check)
 
     async def _on_control(self, opcode: Opcode, payload: bytes) -> None:
         if opcode is Opcode.PING:
@@ -337,19 +382,36 @@ class WebsocketConnection:
             raise _Closed
         self._buffer += data
 
-    async def _read_payload(self, length: int) -> memoryview:
-        """``length`` bytes: first what is buffered, the rest read straight into the result."""
+    async def _read_payload(
+        self, length: int, mask_key: bytes | None, check: Check | None
+    ) -> memoryview:
+        """``length`` bytes, unmasked: first what is buffered, the rest read straight into
+        the result. With ``check``, all but the last ``check.size`` bytes (the tag) are fed
+        to it as they arrive."""
+        body = length - check.size if check is not None else 0
+        done = 0  # bytes unmasked and fed so far
+
+        def arrived(have: int) -> None:
+            nonlocal done
+            if mask_key is not None:
+                mask(view[done:have], mask_key, offset=done)
+            if check is not None and done < body:
+                check.update(view[done : min(have, body)])
+            done = have
+
         have = min(len(self._buffer), length)
         if have == length:  # small messages: already read along with their header
-            payload = memoryview(self._buffer[:length])
+            view = memoryview(self._buffer[:length])
             del self._buffer[:length]
-            return payload
+            arrived(length)
+            return view
         # numpy.empty, unlike bytearray(n), does not spend a pass zeroing memory we overwrite.
         view = np.empty(length, dtype=np.uint8).data.cast("B")
         view[:have] = self._buffer[:have]
         del self._buffer[:have]
+        arrived(have)
         if isinstance(self._stream, trio.SSLStream):
-            return await self._read_tls_payload(view, have)
+            return await self._read_tls_payload(view, have, arrived)
         sock = self._stream.socket
         while have < length:
             try:
@@ -359,9 +421,12 @@ class WebsocketConnection:
             if not got:
                 raise _Closed
             have += got
+            arrived(have)
         return view
 
-    async def _read_tls_payload(self, view: memoryview, have: int) -> memoryview:
+    async def _read_tls_payload(
+        self, view: memoryview, have: int, arrived: Callable[[int], None]
+    ) -> memoryview:
         # TLS records are decrypted into buffers of their own: copy them in.
         while have < len(view):
             try:
@@ -372,6 +437,7 @@ class WebsocketConnection:
                 raise _Closed
             view[have : have + len(data)] = data
             have += len(data)
+            arrived(have)
         return view
 
     # -- closing -------------------------------------------------------------------------

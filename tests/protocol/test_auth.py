@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from butterfly.errors import AuthenticationError
@@ -133,3 +135,24 @@ def test_a_frame_shorter_than_a_tag_is_refused() -> None:
     _, to_dialer = _seals()
     with pytest.raises(AuthenticationError, match="too short for a tag"):
         to_dialer.open(b"short")
+
+
+@pytest.mark.parametrize("cuts", [(), (1,), (5, 6, 17), tuple(range(0, 300, 16))])
+def test_a_frame_fed_in_pieces_is_checked_as_the_same_frame_fed_whole(
+    cuts: tuple[int, ...],
+) -> None:
+    to_acceptor, to_dialer = _seals()
+    body = bytes(range(256)) + b"tail"
+    mac = to_acceptor.outgoing()
+    edges = (0, *cuts, len(body))
+    for start, stop in itertools.pairwise(edges):
+        mac.update(body[start:stop])
+    assert bytes(to_dialer.open(body + mac.finish())) == body
+
+
+def test_frames_are_numbered_in_the_order_their_tags_are_computed() -> None:
+    to_acceptor, to_dialer = _seals()
+    abandoned = to_dialer.incoming()  # a receive that was cancelled before its frame came
+    del abandoned
+    frame = _tagged(to_acceptor, b"first frame")
+    assert bytes(to_dialer.open(frame)) == b"first frame"

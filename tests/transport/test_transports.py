@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -11,8 +12,9 @@ import trio.testing
 import trio_websocket
 
 from butterfly.config import NetworkConfig
-from butterfly.errors import NetworkError, ProtocolError
+from butterfly.errors import AuthenticationError, NetworkError, ProtocolError
 from butterfly.protocol import PROTOCOL_VERSION, Handshake, Heartbeat, Hello, encode
+from butterfly.protocol.auth import FrameSeal
 from butterfly.transport import (
     Connection,
     MemoryNetwork,
@@ -256,3 +258,73 @@ async def test_a_second_hello_after_the_handshake_is_a_protocol_error() -> None:
         )
         with pytest.raises(ProtocolError, match="sent a second Hello after the handshake"):
             await peer.receive()
+
+
+def _seals() -> tuple[FrameSeal, FrameSeal]:
+    """The two ends of one authenticated connection: (client's, server's)."""
+    up, down = secrets.token_bytes(32), secrets.token_bytes(32)
+    return (
+        FrameSeal(send_key=up, receive_key=down, peer="server"),
+        FrameSeal(send_key=down, receive_key=up, peer="client"),
+    )
+
+
+SEALED_SIZES = (0, 1, 4096, 70_000, 5 << 20)  # one piece; joined; streamed in chunks
+
+
+@pytest.mark.parametrize("kind", ["memory", "websocket"])
+async def test_sealed_frames_of_every_size_round_trip_in_both_directions(kind: str) -> None:
+    client_seal, server_seal = _seals()
+
+    async def sealed_echo(conn: Connection) -> None:
+        while True:
+            try:
+                frame = await conn.receive(check=server_seal.incoming())
+            except NetworkError:
+                return
+            await conn.send(b"head", frame, mac=server_seal.outgoing())
+
+    transport = make_transport(kind)
+    async with serving(transport, kind, sealed_echo) as address, transport.connect(address) as conn:
+        for size in SEALED_SIZES:
+            payload = secrets.token_bytes(size)
+            await conn.send(payload[:7], payload[7:], mac=client_seal.outgoing())
+            assert bytes(await conn.receive(check=client_seal.incoming())) == b"head" + payload
+
+
+@pytest.mark.parametrize("size", SEALED_SIZES)
+@pytest.mark.parametrize("kind", ["memory", "websocket"])
+async def test_a_frame_tagged_with_another_key_is_refused_whatever_its_size(
+    kind: str, size: int
+) -> None:
+    client_seal, _ = _seals()
+    _, stranger = _seals()
+
+    async def forge(conn: Connection) -> None:
+        await conn.send(bytes(size), mac=stranger.outgoing())
+        await trio.sleep_forever()
+
+    transport = make_transport(kind)
+    async with serving(transport, kind, forge) as address, transport.connect(address) as conn:
+        with pytest.raises(AuthenticationError, match="frame 0 from server failed its integrity"):
+            await conn.receive(check=client_seal.incoming())
+
+
+@pytest.mark.parametrize("kind", ["memory", "websocket"])
+async def test_a_receive_cancelled_before_its_frame_arrives_does_not_use_up_a_frame_number(
+    kind: str,
+) -> None:
+    client_seal, server_seal = _seals()
+    go = trio.Event()
+
+    async def late(conn: Connection) -> None:
+        await go.wait()
+        await conn.send(bytes(100_000), mac=server_seal.outgoing())
+        await trio.sleep_forever()
+
+    transport = make_transport(kind)
+    async with serving(transport, kind, late) as address, transport.connect(address) as conn:
+        with trio.move_on_after(0.05):
+            await conn.receive(check=client_seal.incoming())
+        go.set()
+        assert bytes(await conn.receive(check=client_seal.incoming())) == bytes(100_000)
