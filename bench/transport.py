@@ -18,7 +18,9 @@ What is measured, on loopback (127.0.0.1, ports chosen by the kernel), in one ru
 
    * The same stack with a shared secret (``websocket+MAC``: the authenticated handshake,
      then a 16-byte AES-GMAC tag on every frame), and with TLS on top (``wss+MAC``: a
-     certificate for 127.0.0.1 from a throwaway trustme CA).
+     certificate for 127.0.0.1 from a throwaway trustme CA). With both ends in one thread
+     the MAC cannot overlap the transfer, so this is its CPU cost; ``bench.wire``
+     measures what it adds to a hop between two processes over a shaped link.
 
 2. **Round-trip time** of a 4 KiB message (the dialling side sends, the accepting side
    echoes it back) over both stacks; the figure of one repetition is the median of its
@@ -469,10 +471,12 @@ def ratios(results: dict[str, Summary]) -> dict[str, dict[str, Any]]:
         results["websocket+MAC round trip"].median / results["websocket round trip"].median - 1
     )
     return {
-        "MAC time added to a 4 MiB hop": {
+        # One thread does both ends here, so this is the MAC's CPU cost (two GMACs of
+        # 4 MiB); what it adds to a hop between hosts is bench.wire's figure and target.
+        "MAC CPU added to a 4 MiB hop": {
             "value": mac_cost,
-            "target": f"< {MAC_TARGET}",
-            "met": mac_cost < MAC_TARGET,
+            "target": "(info; bench.wire)",
+            "met": True,
         },
         "MAC time added to a round trip": {
             "value": mac_rtt,
