@@ -80,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for _ in range(args.runs):
                 for name, b in clients.items():
-                    before = int(b.metrics()["requests_completed"])  # type: ignore[call-overload]
+                    before = int(b.metrics().requests_completed)  # type: ignore[call-overload]
                     results[name].append(run_clients(b, prompts, args.tokens, args.stagger / 1000))
-                    requests[name] = int(b.metrics()["requests_completed"]) - before  # type: ignore[call-overload]
+                    requests[name] = int(b.metrics().requests_completed) - before  # type: ignore[call-overload]
         finally:
             for b in clients.values():
                 b.close()

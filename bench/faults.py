@@ -110,9 +110,9 @@ async def _process_run(seed: int, fault: str, config: dict[str, Any]) -> dict[st
         "completed": len(answers),
         "lost": REQUESTS - len(answers),
         "failed": failed,
-        "duplicated": metrics["requests_completed"] - len(answers),
+        "duplicated": metrics.requests_completed - len(answers),
         "wrong": wrong,
-        "retries": sum(metrics["requests_retried"].values()),
+        "retries": sum(metrics.requests_retried.values()),
         "recovery_s": recovered[0] - faulted_at if recovered else None,
     }
 

@@ -162,6 +162,7 @@ class PeerChannel:
             session=0,
             position=0,
             keep=(),
+            trace=(),
             tensor=array_to_wire(array),
         )
         await self.peer.send(message)

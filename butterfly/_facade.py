@@ -28,6 +28,7 @@ from .config import ButterflyConfig, load_config
 from .credentials import generate_secret, load_secret
 from .errors import ApiError, ButterflyError, RequestTimeout
 from .generation import check_token_ids
+from .metrics import Event, MetricsSnapshot
 from .scheduling import InferenceTask, TaskStatus
 from .system import ButterflySystem
 from .transport import Transport, WebsocketTransport
@@ -245,9 +246,20 @@ class Butterfly:
         """The workers (id, address, state) and the current placement."""
         return self._portal.call(_sync_to_async(self._system.cluster))
 
-    def metrics(self) -> dict[str, object]:
-        """A snapshot of the coordinator's metrics (request counts, latency percentiles)."""
+    def metrics(self) -> MetricsSnapshot:
+        """A snapshot of the coordinator's metrics (request counts, latency percentiles,
+        where the time went per stage and link)."""
         return self._portal.call(_sync_to_async(self._system.metrics.snapshot))
+
+    def metrics_text(self) -> str:
+        """Every metric in the Prometheus text format (what a ``/metrics`` endpoint serves)."""
+        return self._portal.call(_sync_to_async(self._system.metrics.exposition))
+
+    def trace(self, task_id: int) -> list[Event]:
+        """Task ``task_id``'s events in order: submitted, queued, dispatched, each stage's
+        compute and each hop, completed (the most recent ``metrics.trace_tasks`` tasks)."""
+        _check_task_id(task_id)
+        return self._portal.call(_sync_to_async(lambda: self._system.metrics.trace(task_id)))
 
     def close(self) -> None:
         """Drain in-flight requests (``api.drain_timeout``), stop, and join the background thread."""
@@ -413,8 +425,15 @@ class AsyncButterfly:
     def cluster(self) -> ClusterInfo:
         return self._system.cluster()
 
-    def metrics(self) -> dict[str, object]:
+    def metrics(self) -> MetricsSnapshot:
         return self._system.metrics.snapshot()
+
+    def metrics_text(self) -> str:
+        return self._system.metrics.exposition()
+
+    def trace(self, task_id: int) -> list[Event]:
+        _check_task_id(task_id)
+        return self._system.metrics.trace(task_id)
 
 
 class AsyncTaskHandle:
@@ -435,3 +454,8 @@ class AsyncTaskHandle:
 
     def cancel(self) -> bool:
         return self._system.scheduling.cancel_task(self.task_id)
+
+
+def _check_task_id(task_id: object) -> None:
+    if isinstance(task_id, bool) or not isinstance(task_id, int) or task_id < 1:
+        raise ApiError(f"task_id must be a positive int (a handle's task_id), got {task_id!r}")

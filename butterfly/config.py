@@ -181,10 +181,19 @@ class NetworkConfig:
 
 @attrs.frozen
 class MetricsConfig:
-    """The in-process metrics collector."""
+    """The metrics service (``butterfly/metrics/``)."""
 
     #: Latencies kept for percentiles.
     latency_window: int = attrs.field(default=4096, validator=_positive)
+    #: Events waiting for the metrics service; beyond it an event is dropped and counted
+    #: (``butterfly_events_dropped_total``), never waited for.
+    event_queue_size: int = attrs.field(default=10_000, validator=_positive)
+    #: Seconds between two summary lines in the log (0: none).
+    export_interval_secs: float = attrs.field(default=60.0, validator=_non_negative_seconds)
+    #: Tasks whose events are kept for ``Butterfly.trace`` (the most recent ones), and
+    #: events kept per task.
+    trace_tasks: int = attrs.field(default=1024, validator=_positive)
+    trace_events_per_task: int = attrs.field(default=256, validator=_positive)
 
 
 @attrs.frozen

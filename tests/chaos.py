@@ -98,7 +98,7 @@ async def _run(
             async with trio.open_nursery() as requests_nursery:
                 for i in range(requests):
                     requests_nursery.start_soon(one, i)
-            retries = sum(b.metrics()["requests_retried"].values())  # type: ignore[union-attr]
+            retries = sum(b.metrics().requests_retried.values())  # type: ignore[union-attr]
         nursery.cancel_scope.cancel()
     return Outcome(
         seed=seed,

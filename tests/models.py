@@ -19,6 +19,7 @@ __all__ = [
     "mlp",
     "raising",
     "random_mlp",
+    "slow_loading_mlp",
     "slow_mlp",
     "small_transformer",
 ]
@@ -148,3 +149,10 @@ def heavy_ends() -> nn.Sequential:
         model = nn.Sequential(Ballast(), *(Sleep(0.02) for _ in range(4)), Ballast())
     model.example_input = torch.zeros(1, 64)
     return model
+
+
+def slow_loading_mlp() -> nn.Sequential:
+    """The mlp, built after a pause (``BUTTERFLY_TEST_LOAD_S`` seconds, default 3): a
+    worker that is still loading its model."""
+    time.sleep(float(os.environ.get("BUTTERFLY_TEST_LOAD_S", "3")))
+    return mlp()

@@ -110,7 +110,7 @@ async def test_greedy_generation_equals_transformers_generate_token_for_token(
             out = await b.generate(ids, max_new_tokens=10)
             assert torch.equal(out, expected)
             # The caches stayed on the stages: after the prompt, each step sent one token.
-            assert b.metrics()["requests_completed"] == 10
+            assert b.metrics().requests_completed == 10
         nursery.cancel_scope.cancel()
 
 
@@ -166,7 +166,7 @@ async def test_a_stage_killed_mid_generation_is_replayed_with_identical_greedy_o
             out = torch.cat([ids, torch.stack(steps, dim=1)], dim=1)
             assert torch.equal(out, expected)
             assert len(b.cluster().stages) == 2
-            assert b.metrics()["session_replays"] >= 1
+            assert b.metrics().session_replays >= 1
         nursery.cancel_scope.cancel()
 
 
@@ -267,7 +267,7 @@ async def test_concurrent_sessions_with_batching_on_share_one_session_in_the_pip
             results = await concurrently(b, (a, 3), (c, 6))  # a is done early: its row leaves
             assert torch.equal(results[0], expected[:1, :8])
             assert torch.equal(results[1], expected[1:])
-            assert b.metrics()["requests_completed"] == 6  # not 3 + 6
+            assert b.metrics().requests_completed == 6  # not 3 + 6
         nursery.cancel_scope.cancel()
         assert all(w.sessions.statistics()["sessions"] == 0 for w in cluster.workers)
 
@@ -291,7 +291,7 @@ async def test_prompts_of_different_lengths_share_a_session_and_each_equals_its_
             results = await concurrently(b, (a, 5), (c, 5))
             assert torch.equal(results[0], expected[0])
             assert torch.equal(results[1], expected[1])
-            assert b.metrics()["requests_completed"] == 5  # one request per step for both
+            assert b.metrics().requests_completed == 5  # one request per step for both
         nursery.cancel_scope.cancel()
 
 
@@ -333,7 +333,7 @@ async def test_a_generation_joins_a_running_session_at_its_next_step(
             assert torch.equal(first, expected[0])
             assert torch.equal(second, expected[1])
             # The newcomer's 4 steps rode along the running session's: 8 requests, not 12.
-            assert b.metrics()["requests_completed"] == 8
+            assert b.metrics().requests_completed == 8
         nursery.cancel_scope.cancel()
         assert all(w.sessions.statistics()["sessions"] == 0 for w in cluster.workers)
 
@@ -368,9 +368,9 @@ async def test_a_session_that_rows_joined_and_left_is_replayed_exactly_after_evi
             assert torch.equal(first, expected[0])
             assert torch.equal(second, expected[1])
             assert torch.equal(results["d"], expected[2])
-            assert b.metrics()["requests_completed"] == 8 + 10  # c rode along a's steps
+            assert b.metrics().requests_completed == 8 + 10  # c rode along a's steps
             assert sum(w.sessions.evicted for w in cluster.workers) > 0
-            assert b.metrics()["session_replays"] > 0
+            assert b.metrics().session_replays > 0
         nursery.cancel_scope.cancel()
 
 

@@ -91,7 +91,7 @@ async def test_concurrent_requests_each_get_their_own_answer() -> None:
                     requests.start_soon(one, i)
             for i in range(40):
                 torch.testing.assert_close(outputs[i], local_forward(inputs[i]), rtol=0, atol=0)
-            assert b.metrics()["requests_completed"] == 40
+            assert b.metrics().requests_completed == 40
         nursery.cancel_scope.cancel()
 
 
@@ -177,9 +177,9 @@ async def test_a_request_whose_worker_is_lost_completes_on_the_survivors() -> No
             assert cluster.epoch == 2
             assert len(cluster.stages) == 2
             metrics = b.metrics()
-            assert metrics["requests_completed"] == 1
+            assert metrics.requests_completed == 1
             # The request went back to assignment once; epoch 1 drained and was committed.
-            phases = metrics["phase_transitions"]
+            phases = metrics.phase_transitions
             assert (phases["request:assignment"], phases["request:commitment"]) == (2, 1)
             assert (phases["epoch:aggregation"], phases["epoch:commitment"]) == (1, 1)
         nursery.cancel_scope.cancel()
@@ -242,8 +242,8 @@ async def test_a_rerun_after_a_loss_resumes_from_the_last_checkpoint(
             with torch.inference_mode():
                 torch.testing.assert_close(y, sleepy()(x), rtol=0, atol=0)
             metrics = b.metrics()
-            assert metrics["requests_retried"] == {"network": 1}
-            assert metrics["requests_resumed_from_checkpoint"] == (1 if resumed_at else 0)
+            assert metrics.requests_retried == {"network": 1}
+            assert metrics.requests_resumed_from_checkpoint == (1 if resumed_at else 0)
             assert [s.layers for s in b.cluster().stages] == [range(0, 3), range(3, 6)]
             # Resumed at layer 4 only the second survivor computes again; from the input, both.
             computed = [scopes[i].service.computed for i in (0, 1)]
@@ -272,7 +272,7 @@ async def test_checkpoints_keep_a_request_longer_than_the_attempt_timeout_from_b
             y = await b.infer(x)
             with torch.inference_mode():
                 torch.testing.assert_close(y, sleepy()(x), rtol=0, atol=0)
-            assert b.metrics()["requests_retried"] == {}
+            assert b.metrics().requests_retried == {}
         nursery.cancel_scope.cancel()
 
 
@@ -579,5 +579,5 @@ async def test_a_lost_worker_is_replaced_in_the_placement_without_waiting_for_a_
             cluster = b.cluster()
             assert len(cluster.stages) == 2
             assert lost not in {s.node_id for s in cluster.stages}
-            assert b.metrics()["requests_completed"] == 0  # no request was needed for it
+            assert b.metrics().requests_completed == 0  # no request was needed for it
         nursery.cancel_scope.cancel()

@@ -30,7 +30,18 @@ from ..errors import (
     FingerprintMismatch,
     NetworkError,
 )
-from ..metrics import MetricsSink, PhaseChanged, PlacementChanged, WorkerStateChanged
+from ..metrics import MetricsSink
+from ..metrics.events import (
+    BytesTransferred,
+    CacheReported,
+    ConsensusReached,
+    MessageReceived,
+    MessageSent,
+    NodeFailure,
+    PhaseTransition,
+    PlacementChanged,
+    WorkerStateChanged,
+)
 from ..partition import PartitionService, Plan
 from ..protocol import (
     PROTOCOL_VERSION,
@@ -266,6 +277,7 @@ class CoordinationService:
                 self._set_state(worker, WorkerState.FAILED, reason)
             if lost:
                 log.warning("worker %s at %s lost: %s", worker.node_id, worker.address, reason)
+                self.metrics.emit(NodeFailure(worker.node_id, _failure_kind(reason), reason))
                 if self._placement is not None and worker.node_id in self._placement.nodes:
                     self._placement = None
                 await self.responses.send(WorkerLost(worker.node_id, worker.address, reason))
@@ -364,7 +376,8 @@ class CoordinationService:
         while True:
             message: Message = await peer.receive()
             match message:
-                case Ack(seq=seq, peers=peers, links=links):
+                case Ack(seq=seq, peers=peers, links=links, kv_cache_bytes=kv_bytes):
+                    self.metrics.emit(CacheReported(worker.node_id, kv_bytes))
                     for address in peers:  # membership gossip: workers that joined later
                         self._add_address(address)
                     for report in links:
@@ -386,6 +399,12 @@ class CoordinationService:
                     for event in worker.assigned.values():
                         event.set()
                 case Result() | Error() | Checkpoint():
+                    nbytes = _tensor_bytes(message)
+                    self.metrics.emit(
+                        MessageReceived(worker.node_id, type(message).__name__, nbytes)
+                    )
+                    if nbytes:
+                        self.metrics.emit(BytesTransferred(worker.node_id, "in", nbytes))
                     await self.responses.send(message)
                 case _:
                     log.info("ignoring %s from %s", type(message).__name__, worker.address)
@@ -482,6 +501,7 @@ class CoordinationService:
         for w in ready:
             w.assigned[epoch] = trio.Event()
             w.assign_error = ""
+        sent = trio.current_time()
         try:
             with trio.move_on_after(self.config.api.connect_timeout) as scope:
                 for w in ready:
@@ -505,6 +525,11 @@ class CoordinationService:
         finally:
             for w in ready:
                 w.assigned.pop(epoch, None)
+        self.metrics.emit(
+            ConsensusReached(
+                epoch, tuple(sorted(w.node_id for w in ready)), trio.current_time() - sent
+            )
+        )
         phases.advance(Phase.COMPUTATION)
         for old in [
             e for e, t in self._epoch_phases.items() if e != epoch and t.phase is Phase.COMPUTATION
@@ -520,7 +545,7 @@ class CoordinationService:
     # -- the narrow interface the scheduler uses ------------------------------------------
 
     def report_phase(self, scope: str, key: int, phase: Phase) -> None:
-        self.metrics.emit(PhaseChanged(scope=scope, key=key, phase=str(phase)))
+        self.metrics.emit(PhaseTransition(scope=scope, key=key, phase=str(phase)))
 
     def request_started(self, epoch: int) -> None:
         """A request entered the pipeline on placement ``epoch``."""
@@ -553,6 +578,10 @@ class CoordinationService:
         for w in self._workers.values():
             if w.node_id == node_id and w.peer is not None:
                 await w.peer.send(message)
+                nbytes = _tensor_bytes(message)
+                self.metrics.emit(MessageSent(node_id, type(message).__name__, nbytes))
+                if nbytes:
+                    self.metrics.emit(BytesTransferred(node_id, "out", nbytes))
                 return
         raise NetworkError(f"worker {node_id!r} is not connected")
 
@@ -625,3 +654,18 @@ class CoordinationService:
 def error_from_wire(error: Error) -> ButterflyError:
     """Rebuild the exception a worker reported (unknown kinds become ``ComputeError``)."""
     return ERROR_KINDS.get(error.kind, ERROR_KINDS["compute"])(error.message)
+
+
+def _tensor_bytes(message: Message) -> int:
+    """Tensor bytes a message carries (0 for control messages)."""
+    tensor = getattr(message, "tensor", None)
+    return tensor.data.nbytes if tensor is not None else 0
+
+
+def _failure_kind(reason: str) -> str:
+    """What kind of failure a lost worker's reason describes, for a metric label."""
+    if "suspected" in reason:
+        return "suspected"
+    if "authenticat" in reason or "secret" in reason:
+        return "authentication"
+    return "disconnected"

@@ -37,6 +37,7 @@ import trio
 from ..config import SchedulingConfig
 from ..coordination import CoordinationService
 from ..errors import ApiError, ButterflyError, ModelError, SchedulingError
+from ..metrics.events import FirstToken, TokenGenerated
 from ..model.tensors import torch_from_wire
 from ..protocol import EndSession, array_to_wire
 from ..scheduling import SchedulingService, SessionState
@@ -62,6 +63,8 @@ class _Member:
     steps: int = 0
     #: False once the caller has all its tokens or stopped listening.
     active: bool = True
+    #: When it joined, then when its latest tokens came (trio time).
+    last_at: float = attrs.field(factory=trio.current_time)
     finished: np.ndarray = attrs.field(init=False)
     last: np.ndarray = attrs.field(init=False)
 
@@ -138,6 +141,7 @@ class GenerationService:
         config: SchedulingConfig,
     ) -> None:
         self.scheduling = scheduling
+        self.metrics = scheduling.metrics
         self.coordination = coordination
         self.config = config
         #: Running sessions that newcomers may join (with micro-batching on).
@@ -213,7 +217,13 @@ class GenerationService:
                         f"generation needs logits (batch, seq, vocab) from the last stage; "
                         f"got shape {tuple(logits.shape)}"
                     )
+                now = trio.current_time()
                 for m in group.members:
+                    if m.active:
+                        event = FirstToken if m.steps == 0 else TokenGenerated
+                        rows = m.prompt.shape[0]
+                        self.metrics.emit(event(task.task_id, now, now - m.last_at, rows))
+                        m.last_at = now
                     last[m.rows] = m.take(logits[m.rows, -1])
         except ButterflyError as exc:
             self._fail(group, exc)

@@ -1,13 +1,8 @@
-"""Metrics: event types and the in-process collecting service."""
+"""Metrics: the typed events components emit, and the service that turns them into
+Prometheus series, a snapshot and per-task traces."""
 
+from . import events as events
 from .collector import MetricsService as MetricsService
 from .collector import MetricsSink as MetricsSink
+from .collector import MetricsSnapshot as MetricsSnapshot
 from .events import Event as Event
-from .events import PhaseChanged as PhaseChanged
-from .events import PlacementChanged as PlacementChanged
-from .events import PlanComputed as PlanComputed
-from .events import RequestCompleted as RequestCompleted
-from .events import RequestFailed as RequestFailed
-from .events import RequestRetried as RequestRetried
-from .events import SessionReplayed as SessionReplayed
-from .events import WorkerStateChanged as WorkerStateChanged

@@ -1,44 +1,181 @@
-"""Events that components emit for the metrics collector."""
+"""Events that components emit for the metrics service: one typed union.
+
+Each is emitted by the component where it happens: the API facade and scheduling (a
+task's life), partition (plans), coordination (placements, phases, workers, messages),
+generation (tokens). Events about a task carry its ``task_id`` and the trio time ``at``
+which they happened, so one task's timeline can be put back together
+(:meth:`MetricsService.trace`). ``StageComputed`` and ``LinkTransferred`` come from the
+timings each worker appends to a request on its way (``protocol.StageTrace``).
+"""
 
 from __future__ import annotations
 
 import attrs
 
 __all__ = [
+    "BytesTransferred",
+    "CacheReported",
+    "ConsensusReached",
     "Event",
-    "PhaseChanged",
+    "FirstToken",
+    "LinkTransferred",
+    "MessageReceived",
+    "MessageSent",
+    "NodeFailure",
+    "PartitionCacheHit",
+    "PartitionCacheMiss",
+    "PartitionComputed",
+    "PhaseTransition",
     "PlacementChanged",
-    "PlanComputed",
-    "RequestCompleted",
-    "RequestFailed",
-    "RequestRetried",
     "SessionReplayed",
+    "StageComputed",
+    "TaskCancelled",
+    "TaskCompleted",
+    "TaskDispatched",
+    "TaskDispatching",
+    "TaskEnqueued",
+    "TaskFailed",
+    "TaskRetried",
+    "TaskSubmitted",
+    "TokenGenerated",
     "WorkerStateChanged",
 ]
 
-
-@attrs.frozen
-class RequestCompleted:
-    request_id: int
-    latency_s: float
-    batch: int
+# -- a task's life (api, scheduling) ---------------------------------------------------
 
 
 @attrs.frozen
-class RequestFailed:
-    request_id: int
-    kind: str
+class TaskSubmitted:
+    """The caller handed in task ``task_id`` (``rows`` rows along the batch dimension)."""
+
+    task_id: int
+    at: float
+    rows: int
+    priority: int
 
 
 @attrs.frozen
-class RequestRetried:
-    """Request ``request_id`` runs again (``attempt`` ≥ 1) after a failure of kind ``reason``,
-    starting at layer ``layer``: 0 from its input, more from a checkpoint."""
+class TaskEnqueued:
+    """Task ``task_id`` waits in the queue, ``queue_depth`` tasks long with it."""
 
+    task_id: int
+    at: float
+    queue_depth: int
+
+
+@attrs.frozen
+class TaskDispatching:
+    """The dispatcher took task ``task_id`` from the queue into a batch of ``batch_tasks``."""
+
+    task_id: int
+    at: float
+    batch_tasks: int
+
+
+@attrs.frozen
+class TaskDispatched:
+    """Attempt ``attempt`` of task ``task_id`` was sent to the first stage as request
+    ``request_id`` on placement ``epoch``, starting at layer ``layer``."""
+
+    task_id: int
+    at: float
     request_id: int
+    epoch: int
+    attempt: int
+    layer: int
+
+
+@attrs.frozen
+class TaskRetried:
+    """Task ``task_id`` runs again (``attempt`` ≥ 1) after a failure of kind ``reason``,
+    from layer ``layer``: 0 from its input, more from a checkpoint."""
+
+    task_id: int
+    at: float
     attempt: int
     reason: str
     layer: int
+
+
+@attrs.frozen
+class TaskCompleted:
+    """Task ``task_id`` answered after ``latency_s``, computed by ``nodes``."""
+
+    task_id: int
+    at: float
+    latency_s: float
+    rows: int
+    nodes: tuple[str, ...]
+
+
+@attrs.frozen
+class TaskFailed:
+    task_id: int
+    at: float
+    kind: str
+    message: str
+
+
+@attrs.frozen
+class TaskCancelled:
+    task_id: int
+    at: float
+
+
+# -- where the time of one request went (from the workers' timings) --------------------------
+
+
+@attrs.frozen
+class StageComputed:
+    """Stage ``stage`` on ``node`` held request ``request_id`` of task ``task_id``: it waited
+    ``wait_s`` for the device, computed for ``compute_s`` and sent ``out_bytes``."""
+
+    task_id: int
+    at: float
+    request_id: int
+    stage: int
+    node: str
+    wait_s: float
+    compute_s: float
+    out_bytes: int
+
+
+@attrs.frozen
+class LinkTransferred:
+    """The activation of task ``task_id`` crossed ``src`` → ``dst`` (node ids; the
+    coordinator's own id at either end) in ``seconds`` (wall clocks of two hosts: as
+    exact as their synchronisation), ``nbytes`` of tensor."""
+
+    task_id: int
+    at: float
+    src: str
+    dst: str
+    seconds: float
+    nbytes: int
+
+
+# -- generation ---------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class FirstToken:
+    """A generation's first new tokens (one per row, ``rows``), ``seconds`` after the caller
+    asked; ``task_id`` is the step's task."""
+
+    task_id: int
+    at: float
+    seconds: float
+    rows: int
+
+
+@attrs.frozen
+class TokenGenerated:
+    """A generation's next tokens (one per row), ``seconds`` after its previous ones."""
+
+    task_id: int
+    at: float
+    seconds: float
+    rows: int
 
 
 @attrs.frozen
@@ -50,10 +187,28 @@ class SessionReplayed:
     tokens: int
 
 
+# -- partition ------------------------------------------------------------------------------
+
+
 @attrs.frozen
-class WorkerStateChanged:
-    node_id: str
-    state: str
+class PartitionComputed:
+    strategy: str
+    objective: str
+    duration_s: float
+    stages: int
+
+
+@attrs.frozen
+class PartitionCacheHit:
+    strategy: str
+
+
+@attrs.frozen
+class PartitionCacheMiss:
+    strategy: str
+
+
+# -- coordination -----------------------------------------------------------------------------
 
 
 @attrs.frozen
@@ -64,14 +219,17 @@ class PlacementChanged:
 
 
 @attrs.frozen
-class PlanComputed:
-    cache_hit: bool
-    planning_s: float
-    strategy: str
+class ConsensusReached:
+    """Every worker of placement ``epoch`` confirmed its stages (``Assigned``): the
+    cluster agrees on it, and requests may use it."""
+
+    epoch: int
+    nodes: tuple[str, ...]
+    seconds: float
 
 
 @attrs.frozen
-class PhaseChanged:
+class PhaseTransition:
     """An epoch or a request moved to ``phase`` (see ``butterfly.coordination.phases``)."""
 
     scope: str
@@ -79,13 +237,96 @@ class PhaseChanged:
     phase: str
 
 
+@attrs.frozen
+class WorkerStateChanged:
+    node_id: str
+    state: str
+
+
+@attrs.frozen
+class CacheReported:
+    """Worker ``node_id`` holds ``kv_cache_bytes`` of generation state (its heartbeat answer)."""
+
+    node_id: str
+    kv_cache_bytes: int
+
+
+@attrs.frozen
+class NodeFailure:
+    """Worker ``node_id`` was declared failed: ``reason`` is the kind (``suspected``,
+    ``disconnected``), ``evidence`` what was seen (the phi value, the error)."""
+
+    node_id: str
+    reason: str
+    evidence: str
+
+
+# -- network (the coordinator's links to its workers) ------------------------------------------
+
+
+@attrs.frozen
+class MessageSent:
+    peer: str
+    kind: str
+    nbytes: int
+
+
+@attrs.frozen
+class MessageReceived:
+    peer: str
+    kind: str
+    nbytes: int
+
+
+@attrs.frozen
+class BytesTransferred:
+    """Tensor bytes carried to (``direction`` ``out``) or from (``in``) ``peer``."""
+
+    peer: str
+    direction: str
+    nbytes: int
+
+
 Event = (
-    RequestCompleted
-    | RequestFailed
-    | RequestRetried
+    TaskSubmitted
+    | TaskEnqueued
+    | TaskDispatching
+    | TaskDispatched
+    | TaskRetried
+    | TaskCompleted
+    | TaskFailed
+    | TaskCancelled
+    | StageComputed
+    | LinkTransferred
+    | FirstToken
+    | TokenGenerated
     | SessionReplayed
-    | WorkerStateChanged
+    | PartitionComputed
+    | PartitionCacheHit
+    | PartitionCacheMiss
     | PlacementChanged
-    | PlanComputed
-    | PhaseChanged
+    | ConsensusReached
+    | PhaseTransition
+    | WorkerStateChanged
+    | CacheReported
+    | NodeFailure
+    | MessageSent
+    | MessageReceived
+    | BytesTransferred
+)
+
+#: Events about one task (they have ``task_id`` and ``at``): the task's trace.
+TASK_EVENTS = (
+    TaskSubmitted,
+    TaskEnqueued,
+    TaskDispatching,
+    TaskDispatched,
+    TaskRetried,
+    TaskCompleted,
+    TaskFailed,
+    TaskCancelled,
+    StageComputed,
+    LinkTransferred,
+    FirstToken,
+    TokenGenerated,
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import trio
@@ -68,6 +68,7 @@ class StageRuntime:
         session: SessionKey | None = None,
         position: int = 0,
         keep: Sequence[int] = (),
+        spent: list[float] | None = None,
     ) -> WireTensor:
         """Decode, compute and encode one activation, in a worker thread (or, for a short
         one-token generation step, on the event loop: see :data:`INLINE_STEP_S`).
@@ -77,6 +78,8 @@ class StageRuntime:
         a generation session whose tokens start at ``position`` (dimension 1 of the
         tensor is the sequence): the layers see its state (see :mod:`.stage_sessions`); ``keep``
         (empty: all) names the rows of that state that stay, in order, before the step.
+        With ``spent``, the seconds of the computation itself (not of the wait for the
+        device) are appended to it.
         """
         skip = 0 if first is None else first - self.start
         if not 0 <= skip < self.stop - self.start:
@@ -84,6 +87,8 @@ class StageRuntime:
                 f"layer {first} is not in this stage's layers {self.start}..{self.stop - 1}"
             )
         compute = functools.partial(self._compute, tensor, skip, session, position, tuple(keep))
+        if spent is not None:
+            compute = functools.partial(_measured, compute, spent)
         if not self.in_thread:
             return compute()
         rows = tensor.shape[0] if tensor.shape else 0
@@ -141,3 +146,11 @@ class StageRuntime:
                     f"layers {self.start}..{self.stop - 1} returned {type(y).__name__}, not a tensor"
                 )
             return torch_to_wire(y)
+
+
+def _measured(compute: Callable[[], WireTensor], spent: list[float]) -> WireTensor:
+    begin = time.perf_counter()
+    try:
+        return compute()
+    finally:
+        spent.append(time.perf_counter() - begin)

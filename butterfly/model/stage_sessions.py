@@ -164,6 +164,16 @@ class SessionStore:
             for key in [k for k in self._entries if k[:2] == (origin, session)]:
                 del self._entries[key]
 
+    def held_bytes(self) -> int:
+        """Bytes of state held now, every session's stages together."""
+        with self._lock:
+            return self._bytes()
+
+    def sessions(self) -> int:
+        """Generation sessions with state held here (one per coordinator's session)."""
+        with self._lock:
+            return len({k[:2] for k in self._entries})
+
     def _bytes(self) -> int:
         return sum(e.nbytes for e in self._entries.values())
 

@@ -15,7 +15,8 @@ import attrs
 import msgspec
 
 from ..config import PartitionConfig
-from ..metrics import MetricsSink, PlanComputed
+from ..metrics import MetricsSink
+from ..metrics.events import PartitionCacheHit, PartitionCacheMiss, PartitionComputed
 from ..types import LayerInfo, ModelPartition, NodeCapability, PartitionQuality, Topology
 from .planner import estimate_quality, plan
 
@@ -75,8 +76,9 @@ class PartitionService:
         cached = self._cache.get(key)
         if cached is not None:
             self._cache.move_to_end(key)
-            self.metrics.emit(PlanComputed(cache_hit=True, planning_s=0.0, strategy=strategy))
+            self.metrics.emit(PartitionCacheHit(strategy))
             return cached
+        self.metrics.emit(PartitionCacheMiss(strategy))
         start = time.perf_counter()
         partitions = plan(layers, nodes, strategy, topology=topology, objective=objective)
         used = {p.assigned_node for p in partitions}
@@ -88,7 +90,7 @@ class PartitionService:
             idle=tuple(n.node_id for n in nodes if n.node_id not in used),
         )
         self.metrics.emit(
-            PlanComputed(cache_hit=False, planning_s=time.perf_counter() - start, strategy=strategy)
+            PartitionComputed(strategy, objective, time.perf_counter() - start, len(partitions))
         )
         self._cache[key] = result
         while len(self._cache) > _CACHE_SIZE:

@@ -26,4 +26,5 @@ from .messages import Message as Message
 from .messages import Probe as Probe
 from .messages import Result as Result
 from .messages import StageSpec as StageSpec
+from .messages import StageTrace as StageTrace
 from .messages import WireTensor as WireTensor

@@ -37,7 +37,8 @@ __all__ = [
 #: 2: Activation gained ``layer`` and ``compute_s`` (checkpoints and resuming from them),
 #: ``session`` and ``position`` (generation with caches kept on the stages).
 #: 3: Activation gained ``keep`` (rows leaving a running generation session).
-PROTOCOL_VERSION = 3
+#: 4: Activation and Result gained ``trace`` (where each stage spent the request's time).
+PROTOCOL_VERSION = 4
 
 
 class _Struct(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=False):
@@ -132,12 +133,14 @@ class Ack(_Struct, tag="ack", frozen=True):
     """Answers a Heartbeat or Probe with the same ``seq``; ``peers`` are the workers the
     answering worker knows, so a coordinator learns of workers that joined after it connected.
     ``payload`` is what a Probe's ``reply_bytes`` asked for; ``links`` are the worker's
-    measured links from other workers (sent when they changed)."""
+    measured links from other workers (sent when they changed); ``kv_cache_bytes`` the
+    generation state the worker holds."""
 
     seq: int
     peers: tuple[str, ...] = ()
     payload: bytes = b""
     links: tuple[LinkReport, ...] = ()
+    kv_cache_bytes: int = 0
 
 
 class Probe(_Struct, tag="probe", frozen=True):
@@ -166,6 +169,22 @@ class Assigned(_Struct, tag="assigned", frozen=True):
     node_id: str
 
 
+class StageTrace(_Struct, frozen=True):
+    """What stage ``stage`` on worker ``node_id`` did with one request: wall-clock times
+    (``time.time()``) when it ``received`` the activation and when it was ``done`` (its
+    output handed to the next hop), the ``wait_s`` for the device, ``compute_s``, and the
+    ``out_bytes`` of its output. Links are timed as the next stage's ``received`` minus this
+    ``done``: exact on one host, as good as the hosts' clock synchronisation across hosts."""
+
+    stage: int
+    node_id: str
+    received: float
+    done: float
+    wait_s: float
+    compute_s: float
+    out_bytes: int
+
+
 class Activation(_Struct, tag="activation", frozen=True):
     """Input of layer ``layer`` (in ``stage``) for request ``request_id``; the last stage
     answers ``origin``. ``layer`` is the stage's first layer except when a request resumes
@@ -188,6 +207,8 @@ class Activation(_Struct, tag="activation", frozen=True):
     session: int
     position: int
     keep: tuple[int, ...]
+    #: The stages this request went through so far (see :class:`StageTrace`).
+    trace: tuple[StageTrace, ...]
     tensor: WireTensor
 
 
@@ -202,10 +223,11 @@ class Checkpoint(_Struct, tag="checkpoint", frozen=True):
 
 
 class Result(_Struct, tag="result", frozen=True):
-    """Output of the last stage for ``request_id``."""
+    """Output of the last stage for ``request_id``, with the ``trace`` of every stage."""
 
     request_id: int
     epoch: int
+    trace: tuple[StageTrace, ...]
     tensor: WireTensor
 
 

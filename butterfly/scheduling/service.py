@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import time
 from collections.abc import Callable
 
 import attrs
@@ -35,12 +36,19 @@ from ..errors import (
     SchedulingError,
     error_kind,
 )
-from ..metrics import (
-    MetricsSink,
-    RequestCompleted,
-    RequestFailed,
-    RequestRetried,
+from ..metrics import MetricsSink
+from ..metrics.events import (
+    LinkTransferred,
     SessionReplayed,
+    StageComputed,
+    TaskCancelled,
+    TaskCompleted,
+    TaskDispatched,
+    TaskDispatching,
+    TaskEnqueued,
+    TaskFailed,
+    TaskRetried,
+    TaskSubmitted,
 )
 from ..protocol import (
     Activation,
@@ -89,6 +97,9 @@ class _Batch:
     checkpoint: Checkpoint | None = None
     #: When the current attempt last showed progress (its start, or its latest checkpoint).
     progress_at: float = 0.0
+    #: Wall-clock time the current attempt was sent (links are timed on wall clocks).
+    sent_wall: float = 0.0
+    sent_bytes: int = 0
 
     @property
     def answered(self) -> bool:
@@ -179,7 +190,9 @@ class SchedulingService:
         task.on_done.append(self._on_task_done)
         self._tasks[task.task_id] = task
         self._idle = trio.Event() if self._idle.is_set() else self._idle
+        self.metrics.emit(TaskSubmitted(task.task_id, now, task.rows, priority))
         self._policy.push(task)
+        self.metrics.emit(TaskEnqueued(task.task_id, now, len(self._policy)))
         self._signal_queue()
         return task
 
@@ -221,20 +234,21 @@ class SchedulingService:
 
     def _on_task_done(self, task: InferenceTask) -> None:
         self._tasks.pop(task.task_id, None)
-        self._running.pop(task.task_id, None)
+        batch = self._running.pop(task.task_id, None)
         self._finished[task.task_id] = task.status
         while len(self._finished) > _FINISHED_MEMORY:
             self._finished.popitem(last=False)
+        now = trio.current_time()
         if task.status is TaskStatus.COMPLETED:
-            latency = trio.current_time() - task.submitted_at
-            self.metrics.emit(RequestCompleted(task.task_id, latency, task.rows))
-        else:
-            kind = (
-                "cancelled"
-                if task.status is TaskStatus.CANCELLED
-                else error_kind(task.error or ButterflyError())
+            nodes = tuple(sorted(batch.placement.nodes)) if batch and batch.placement else ()
+            self.metrics.emit(
+                TaskCompleted(task.task_id, now, now - task.submitted_at, task.rows, nodes)
             )
-            self.metrics.emit(RequestFailed(task.task_id, kind))
+        elif task.status is TaskStatus.CANCELLED:
+            self.metrics.emit(TaskCancelled(task.task_id, now))
+        else:
+            error = task.error or ButterflyError()
+            self.metrics.emit(TaskFailed(task.task_id, now, error_kind(error), str(error)))
         if not self._tasks:
             self._idle.set()
 
@@ -275,9 +289,11 @@ class SchedulingService:
                 task = self._next_task()
             tasks = await self._gather_batch(task)
             batch = _Batch(request_id=0, tasks=tasks)
+            now = trio.current_time()
             for t in tasks:
                 t.status = TaskStatus.RUNNING
                 self._running[t.task_id] = batch
+                self.metrics.emit(TaskDispatching(t.task_id, now, len(tasks)))
             self._nursery.start_soon(self._run_batch, batch)
 
     async def _gather_batch(self, first: InferenceTask) -> list[InferenceTask]:
@@ -363,12 +379,13 @@ class SchedulingService:
             batch.phases.advance(Phase.ASSIGNMENT)
             stage, layer, tensor, position, keep = self._entry(batch)
             session = batch.tasks[0].session
-            if attempt:
-                self.metrics.emit(RequestRetried(batch.tasks[0].task_id, attempt, reason, layer))
+            started = trio.current_time()
+            for task in batch.live():
+                if attempt:
+                    self.metrics.emit(TaskRetried(task.task_id, started, attempt, reason, layer))
             self._batches[batch.request_id] = batch
             epoch = batch.placement.epoch
             self.coordination.request_started(epoch)
-            started = trio.current_time()
             try:
                 await self.coordination.send(
                     stage.node_id,
@@ -382,10 +399,18 @@ class SchedulingService:
                         session=session.session_id if session else 0,
                         position=position,
                         keep=keep,
+                        trace=(),
                         tensor=tensor,
                     ),
                 )
                 batch.phases.advance(Phase.COMPUTATION)
+                batch.sent_wall, batch.sent_bytes = time.time(), tensor.data.nbytes
+                for task in batch.live():
+                    self.metrics.emit(
+                        TaskDispatched(
+                            task.task_id, started, batch.request_id, epoch, attempt, layer
+                        )
+                    )
                 await self._await_outcome(batch, started)
                 if batch.result is not None:
                     self._recent_attempts_s.append(trio.current_time() - started)
@@ -512,6 +537,7 @@ class SchedulingService:
                     if batch := self._attempt_on(rid, epoch):
                         batch.result = tensor
                         batch.wake.set()
+                        self._account(batch, response)
                 case Checkpoint(request_id=rid, epoch=epoch):
                     if batch := self._attempt_on(rid, epoch):
                         batch.checkpoint = response
@@ -528,6 +554,33 @@ class SchedulingService:
                                 f"worker {node} at {address} was lost during request {batch.request_id}: {reason}"
                             )
                             batch.wake.set()
+
+    def _account(self, batch: _Batch, result: Result) -> None:
+        """Where the time of the request went, from the timings its stages appended."""
+        now, arrived = trio.current_time(), time.time()
+        me = self.coordination.node_id
+        hops = [(me, batch.sent_wall, batch.sent_bytes)]
+        for stage in result.trace:
+            hops.append((stage.node_id, stage.done, stage.out_bytes))
+        for task in batch.live():
+            for i, stage in enumerate(result.trace):
+                src, sent, nbytes = hops[i]
+                self.metrics.emit(
+                    LinkTransferred(
+                        task.task_id, now, src, stage.node_id, stage.received - sent, nbytes
+                    )
+                )
+                self.metrics.emit(
+                    StageComputed(
+                        task.task_id, now, result.request_id, stage.stage, stage.node_id,
+                        stage.wait_s, stage.compute_s, stage.out_bytes,
+                    )
+                )  # fmt: skip
+            if result.trace:
+                src, sent, nbytes = hops[-1]
+                self.metrics.emit(
+                    LinkTransferred(task.task_id, now, src, me, arrived - sent, nbytes)
+                )
 
     def statistics(self) -> dict[str, int]:
         return {

@@ -57,6 +57,9 @@ class Peer:
         self._broken: NetworkError | None = None
         self._queued = 0  # in the queue, not yet written: a direct write must not overtake them
         self._writers = 0  # writes in progress (the connection serialises their frames)
+        #: Bytes of messages written to and received from the peer (for a worker's /metrics).
+        self.bytes_sent = 0
+        self.bytes_received = 0
 
     @property
     def remote(self) -> str:
@@ -143,6 +146,7 @@ class Peer:
 
     async def _write(self, parts: tuple[Buffer, ...]) -> None:
         self._writers += 1
+        self.bytes_sent += sum(len(p) for p in parts)
         try:
             if self._seal is None:
                 await self.conn.send(*parts)
@@ -176,12 +180,15 @@ class Peer:
 
     async def _receive_frame(self) -> Buffer:
         if self._seal is None:
-            return await self.conn.receive()
-        try:
-            return await self.conn.receive(check=self._seal.incoming())
-        except AuthenticationError as exc:
-            await self._break(exc)
-            raise
+            frame = await self.conn.receive()
+        else:
+            try:
+                frame = await self.conn.receive(check=self._seal.incoming())
+            except AuthenticationError as exc:
+                await self._break(exc)
+                raise
+        self.bytes_received += len(frame)
+        return frame
 
     async def _break(self, cause: NetworkError) -> None:
         # Close both directions so the receive loop ends too; senders see the cause.

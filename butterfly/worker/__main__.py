@@ -23,8 +23,10 @@ import trio
 from ..config import ButterflyConfig, load_config
 from ..credentials import is_loopback, load_secret
 from ..errors import ButterflyError
+from ..metrics.http import serve_http
 from ..model import ModelSource
 from ..transport import WebsocketTransport, parse_address
+from .metrics import routes
 from .service import WorkerService
 
 PROG = "python -m butterfly.worker"
@@ -47,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         metavar="HOST:PORT",
         help="address to accept connections on, e.g. 0.0.0.0:7070 (port 0 picks a free port)",
+    )
+    p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="also serve Prometheus /metrics and /health over plain HTTP on this address "
+        "(read-only; e.g. 127.0.0.1:9100)",
     )
     p.add_argument(
         "--model",
@@ -181,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         host, port = parse_address(args.listen)
+        metrics_at = parse_address(args.metrics_listen) if args.metrics_listen else None
         config = load_config(args.config)
         peers = tuple(p.strip() for p in args.peers.split(",") if p.strip())
         for peer in peers:
@@ -245,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         secret=secret,
     )
     try:
-        trio.run(_serve, worker)
+        trio.run(_serve, worker, metrics_at)
     except ButterflyError as exc:
         _fail(str(exc))
     except BaseExceptionGroup as group:
@@ -257,9 +266,13 @@ def main(argv: list[str] | None = None) -> None:
         raise
 
 
-async def _serve(worker: WorkerService) -> None:
+async def _serve(worker: WorkerService, metrics_at: tuple[str, int] | None) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
+            if metrics_at is not None:
+                # Before the model loads: /health says "loading" meanwhile.
+                host, port = await nursery.start(serve_http, *metrics_at, routes(worker))
+                print(f"butterfly worker metrics on http://{host}:{port}/metrics", flush=True)
             address = await nursery.start(worker.run)
             info = worker.info
             assert info is not None

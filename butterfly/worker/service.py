@@ -18,7 +18,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from typing import TypeVar
 
@@ -60,6 +60,7 @@ from ..protocol import (
     Probe,
     Result,
     StageSpec,
+    StageTrace,
 )
 from ..protocol.inputs import check_input
 from ..transport import Connection, Peer, Transport, dial_peer, open_peer
@@ -142,12 +143,23 @@ class WorkerService:
         self._cancelled: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
         self._assign_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
-        self._in_flight = trio.Semaphore(4 * self.config.scheduling.max_in_flight)
+        self._in_flight_limit = 4 * self.config.scheduling.max_in_flight
+        self._in_flight = trio.Semaphore(self._in_flight_limit)
         #: State generation sessions keep on this worker's stages (KV caches).
         self.sessions = SessionStore.from_config(self.config.generation)
         #: Stage computations done, and requests dropped because they were cancelled.
         self.computed = 0
         self.dropped = 0
+        #: Seconds of compute per stage (its layer range), for the worker's /metrics.
+        self.stage_seconds: collections.defaultdict[tuple[int, int], float] = (
+            collections.defaultdict(float)
+        )
+        #: Bytes per (peer node id, direction) of connections that ended; live ones are
+        #: counted by their Peer (see traffic()).
+        self._traffic: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._live_peers: dict[int, tuple[str, Peer]] = {}
+        #: Bytes of weights of each stage held (its layer range).
+        self.weights_bytes: dict[tuple[int, int], int] = {}
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -237,13 +249,41 @@ class WorkerService:
                 log.warning("refused connection from %s: %s", conn.remote, exc)
                 await _send_quietly(peer, Error(kind=error_kind(exc), message=str(exc)))
                 return
-            if hello.role == "coordinator":
-                await self._serve_coordinator(peer, hello)
-            elif hello.role == "member":
-                self._learn_peers((hello.address, *hello.peers))
-                await self._answer_probes(peer)
-            else:
-                await self._serve_downstream(peer, hello)
+            with self._metered(hello.node_id, peer):
+                if hello.role == "coordinator":
+                    await self._serve_coordinator(peer, hello)
+                elif hello.role == "member":
+                    self._learn_peers((hello.address, *hello.peers))
+                    await self._answer_probes(peer)
+                else:
+                    await self._serve_downstream(peer, hello)
+
+    @contextlib.contextmanager
+    def _metered(self, node_id: str, peer: Peer) -> Iterator[None]:
+        """Count ``peer``'s traffic under ``node_id`` while it lasts, and keep the totals after."""
+        self._live_peers[id(peer)] = (node_id, peer)
+        try:
+            yield
+        finally:
+            del self._live_peers[id(peer)]
+            self._traffic[(node_id, "out")] += peer.bytes_sent
+            self._traffic[(node_id, "in")] += peer.bytes_received
+
+    def queue_depth(self) -> int:
+        """Activations admitted and not yet done."""
+        return self._in_flight_limit - self._in_flight.value
+
+    def held_stages(self) -> list[tuple[int, int]]:
+        """The layer ranges of the stages this worker holds for some coordinator."""
+        return sorted(self._runtimes)
+
+    def traffic(self) -> dict[tuple[str, str], int]:
+        """Bytes to (``out``) and from (``in``) each peer node id since the worker started."""
+        totals = collections.Counter(self._traffic)
+        for node_id, peer in self._live_peers.values():
+            totals[(node_id, "out")] += peer.bytes_sent
+            totals[(node_id, "in")] += peer.bytes_received
+        return dict(totals)
 
     async def _serve_coordinator(self, peer: Peer, hello: Hello) -> None:
         origin = hello.node_id
@@ -289,6 +329,7 @@ class WorkerService:
                             seq=seq,
                             peers=(self.address, *self.peers),
                             links=self._links_for(origin),
+                            kv_cache_bytes=self.sessions.held_bytes(),
                         )
                     )
                 case Assign():
@@ -410,6 +451,10 @@ class WorkerService:
                         layers = await self._off_loop(
                             self.source.build_layers, spec.start, spec.stop
                         )
+                        self.weights_bytes[(spec.start, spec.stop)] = sum(
+                            t.numel() * t.element_size()
+                            for t in (*layers.parameters(), *layers.buffers())
+                        )
                         self._runtimes[(spec.start, spec.stop)] = StageRuntime(
                             layers,
                             start=spec.start,
@@ -505,6 +550,7 @@ class WorkerService:
         }
         for key in [k for k in self._runtimes if k not in used]:
             del self._runtimes[key]
+            self.weights_bytes.pop(key, None)
 
     async def _ensure_upstream_link(self, upstream: StageSpec) -> None:
         ready = self._upstream.get(upstream.node_id)
@@ -558,36 +604,43 @@ class WorkerService:
                 expect_fingerprint=self.info.fingerprint,
             )
             hello = await peer.handshake(self.hello("link"), check, timeout=net.connect_timeout)
-            ready.set()
-            async with trio.open_nursery() as nursery:
-                label = f"upstream worker {upstream.node_id}"
-                detector = self._watch(nursery, peer, hello, label, send=True)
-                while True:
-                    message = await _receive_or_none(peer)
-                    if message is None:
-                        break
-                    if isinstance(message, Activation):
-                        await self._admit(message)
-                    elif isinstance(message, Ack):
-                        detector.heartbeat(trio.current_time())
-                nursery.cancel_scope.cancel()
+            with self._metered(hello.node_id, peer):
+                await self._pull_activations(peer, hello, upstream, ready)
+
+    async def _pull_activations(
+        self, peer: Peer, hello: Hello, upstream: StageSpec, ready: trio.Event
+    ) -> None:
+        ready.set()
+        async with trio.open_nursery() as nursery:
+            label = f"upstream worker {upstream.node_id}"
+            detector = self._watch(nursery, peer, hello, label, send=True)
+            while True:
+                message = await _receive_or_none(peer)
+                if message is None:
+                    break
+                if isinstance(message, Activation):
+                    await self._admit(message)
+                elif isinstance(message, Ack):
+                    detector.heartbeat(trio.current_time())
+            nursery.cancel_scope.cancel()
 
     # -- the data path ---------------------------------------------------------------------
 
     async def _admit(self, activation: Activation) -> None:
+        received = time.time()  # (the wait for a slot counts as the stage's wait)
         # Bounded work per worker: when full, stop reading, which backpressures the sender.
         await self._in_flight.acquire()
-        self._spawn(self._process, activation)
+        self._spawn(self._process, activation, received)
 
-    async def _process(self, activation: Activation) -> None:
+    async def _process(self, activation: Activation, received: float) -> None:
         try:
-            await self._run_stages(activation)
+            await self._run_stages(activation, received)
         except ButterflyError as exc:  # a request failure, never a worker failure
             await self._report(activation, exc)
         finally:
             self._in_flight.release()
 
-    async def _run_stages(self, activation: Activation) -> None:
+    async def _run_stages(self, activation: Activation, received: float) -> None:
         origin, rid = activation.origin, activation.request_id
         plan = self._plans.get(origin, {}).get(activation.epoch)
         if plan is None:
@@ -616,6 +669,7 @@ class WorkerService:
                 accepts = msgspec.structs.replace(accepts, max_length=0)
             check_input(tensor, accepts, max_bytes=self.config.network.max_message_size)
         compute_s = activation.compute_s
+        trace = list(activation.trace)
         while True:
             if (origin, rid) in self._cancelled:
                 self.dropped += 1
@@ -624,6 +678,7 @@ class WorkerService:
             runtime = self._runtimes[(spec.start, spec.stop)]
             started = trio.current_time()
             key = (origin, activation.session, activation.epoch, spec.start)
+            spent: list[float] = []
             try:
                 tensor = await runtime.forward(
                     tensor,
@@ -631,6 +686,7 @@ class WorkerService:
                     session=key if activation.session else None,
                     position=activation.position,
                     keep=activation.keep,
+                    spent=spent,
                 )
             except ButterflyError:
                 raise
@@ -641,6 +697,17 @@ class WorkerService:
                 ) from exc
             compute_s += trio.current_time() - started
             self.computed += 1
+            forward_s = spent[0] if spent else 0.0
+            self.stage_seconds[(spec.start, spec.stop)] += forward_s
+            done = time.time()
+            trace.append(
+                StageTrace(
+                    stage=stage, node_id=self.node_id, received=received, done=done,
+                    wait_s=max(done - received - forward_s, 0.0), compute_s=forward_s,
+                    out_bytes=tensor.data.nbytes,
+                )
+            )  # fmt: skip
+            received = done
             if (origin, rid) in self._cancelled:
                 self.dropped += 1
                 return
@@ -648,7 +715,8 @@ class WorkerService:
             peer = self._coordinators.get(origin)
             if stage == len(plan.stages):
                 if peer is not None:
-                    await self._answer(peer, origin, Result(rid, activation.epoch, tensor))
+                    result = Result(rid, activation.epoch, tuple(trace), tensor)
+                    await self._answer(peer, origin, result)
                 return
             first = plan.stages[stage].start
             checkpoint = None
@@ -681,6 +749,7 @@ class WorkerService:
                         session=activation.session,
                         position=activation.position,
                         keep=activation.keep,
+                        trace=tuple(trace),
                         tensor=tensor,
                     )
                 )

@@ -67,7 +67,7 @@ async def test_requests_and_epochs_go_through_their_phases() -> None:
         await start_workers(nursery, net, "butterfly.model.zoo:mlp", n=2)
         async with AsyncButterfly.connect(["mem://w0"], transport=net, config=FAST) as b:
             await b.infer_many([torch.zeros(1, 64) for _ in range(3)])
-            phases = b.metrics()["phase_transitions"]
+            phases = b.metrics().phase_transitions
             assert {k: phases[k] for k in phases if k.startswith("request:")} == {
                 "request:assignment": 3,
                 "request:computation": 3,

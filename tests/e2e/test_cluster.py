@@ -84,7 +84,7 @@ def test_hundred_sequential_requests_are_all_correct(
     for _ in range(100):
         x = torch.randn(1, 8, 256, generator=gen)
         torch.testing.assert_close(client.infer(x), local_forward(reference, x), rtol=0, atol=0)
-    assert client.metrics()["requests_completed"] == 100
+    assert client.metrics().requests_completed == 100
 
 
 def test_placement_spreads_contiguous_stages_over_the_workers(
@@ -227,8 +227,8 @@ def test_hundred_requests_complete_bitwise_when_a_random_worker_is_killed(seed: 
         outputs = [h.result(timeout=120) for h in handles]
         metrics = b.metrics()
     assert all(torch.equal(y, e) for y, e in zip(outputs, expected, strict=True))
-    assert metrics["requests_completed"] == 100
-    assert metrics["requests_failed"] == {}
+    assert metrics.requests_completed == 100
+    assert metrics.requests_failed == {}
 
 
 def test_workers_with_different_weights_are_refused_at_connect(tmp_path: Path) -> None:
@@ -309,7 +309,7 @@ def test_ctrl_c_while_waiting_cancels_the_request_and_the_client_keeps_serving(
                 gate.touch()
             x = torch.randn(1, 64)
             torch.testing.assert_close(b.infer(x), local_forward(gated_mlp(), x), rtol=0, atol=0)
-            assert b.metrics()["requests_failed"] == {"cancelled": 1}
+            assert b.metrics().requests_failed == {"cancelled": 1}
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -363,6 +363,6 @@ def test_requests_sent_while_a_worker_is_stopped_for_10_s_are_each_answered_once
     assert all(
         torch.equal(y, local_forward(mlp(), x)) for y, x in zip(outputs, inputs, strict=True)
     )
-    assert metrics["requests_completed"] == 50
-    assert metrics["requests_failed"] == {}
-    assert metrics["requests_retried"]["network"] >= 1
+    assert metrics.requests_completed == 50
+    assert metrics.requests_failed == {}
+    assert metrics.requests_retried["network"] >= 1

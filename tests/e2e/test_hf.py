@@ -89,7 +89,7 @@ def test_generation_survives_a_worker_process_killed_mid_session(tmp_path: Path)
             steps.append(tokens)
             if len(steps) == 4:
                 victim.kill()  # the session's caches on that stage are gone with it
-        replays = b.metrics()["session_replays"]
+        replays = b.metrics().session_replays
         stages = len(b.cluster().stages)
     assert torch.equal(torch.cat([ids, torch.stack(steps, dim=1)], dim=1), expected)
     assert stages == 2
@@ -123,7 +123,7 @@ def test_a_generation_joins_a_running_session_over_worker_processes(tmp_path: Pa
             if len(steps) == 3:
                 thread.start()
         thread.join(timeout=60)
-        requests = b.metrics()["requests_completed"]
+        requests = b.metrics().requests_completed
     assert torch.equal(torch.cat([first, torch.stack(steps, dim=1)], dim=1), expected[0])
     assert torch.equal(joined[0], expected[1])
     assert requests == 24  # the late generation's 4 steps rode along the first one's

@@ -57,7 +57,7 @@ def test_thousand_concurrent_requests_from_eight_threads_each_get_their_own_answ
         for t in threads:
             t.join(300)
         assert errors == []
-        assert b.metrics()["requests_completed"] == 1000
+        assert b.metrics().requests_completed == 1000
     assert sorted(outputs) == list(range(1000))
     for i in range(1000):
         assert torch.equal(outputs[i], expected[i]), i

@@ -147,6 +147,7 @@ def _raw_activation() -> bytes:
             session=0,
             position=0,
             keep=(),
+            trace=(),
             tensor=array_to_wire(x),
         )
     )
@@ -263,7 +264,7 @@ def test_a_flipped_bit_closes_the_link_and_the_request_is_rerun_to_the_right_ans
                 y = b.infer(x)
                 assert proxy.flipped.is_set()
                 assert torch.equal(y, _local(mlp(), x))
-                assert sum(b.metrics()["requests_retried"].values()) == 1
+                assert sum(b.metrics().requests_retried.values()) == 1
         finally:
             proxy.close()
 
@@ -392,7 +393,7 @@ async def _never_reads_its_results(address: str, node_id: str, stop: threading.E
                 await peer.send(
                     Activation(
                         request_id=i, epoch=1, stage=0, origin="hog", layer=0, compute_s=0.0,
-                        session=0, position=0, keep=(), tensor=big,
+                        session=0, position=0, keep=(), trace=(), tensor=big,
                     )
                 )  # fmt: skip
             await trio.to_thread.run_sync(stop.wait, abandon_on_cancel=True)

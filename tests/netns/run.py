@@ -548,9 +548,9 @@ def drill(
         findings.say(f"coordinator metrics unavailable: {exc}")
         return
     findings.say(
-        f"coordinator metrics: completed {metrics['requests_completed']}, failed "
-        f"{metrics['requests_failed']}, retried {metrics.get('requests_retried', '?')}, "
-        f"placements {metrics['placements']}"
+        f"coordinator metrics: completed {metrics.requests_completed}, failed "
+        f"{metrics.requests_failed}, retried {metrics.requests_retried}, "
+        f"placements {metrics.placements}"
     )
 
 

@@ -48,8 +48,8 @@ def test_second_identical_plan_is_a_cache_hit_and_both_go_to_metrics() -> None:
     second = service.plan(LAYERS, NODES, TOPOLOGY)
     assert second is first
     snapshot = metrics.snapshot()
-    assert (snapshot["plan_cache_hits"], snapshot["plan_cache_misses"]) == (1, 1)
-    assert snapshot["last_planning_s"] > 0
+    assert (snapshot.plan_cache_hits, snapshot.plan_cache_misses) == (1, 1)
+    assert snapshot.last_planning_s > 0
 
 
 def test_plan_lists_the_nodes_it_leaves_idle() -> None:

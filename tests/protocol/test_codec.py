@@ -25,6 +25,7 @@ from butterfly.protocol import (
     InputSpec,
     Result,
     StageSpec,
+    StageTrace,
     WireTensor,
     array_from_wire,
     array_to_wire,
@@ -53,8 +54,20 @@ MESSAGES = [
     Ack(7),
     Assign(3, (StageSpec(0, 0, 6, "w1", "ws://h:1"), StageSpec(1, 6, 12, "w2", "ws://h:2")), 2.5),
     Assigned(3, "w1"),
-    Result(5, 3, _tensor()),
-    Activation(5, 3, 1, "c1", 7, 0.25, 9, 12, (0, 2), _tensor()),
+    Result(5, 3, (), _tensor()),
+    Activation(
+        5,
+        3,
+        1,
+        "c1",
+        7,
+        0.25,
+        9,
+        12,
+        (0, 2),
+        (StageTrace(0, "w0", 1.5, 2.5, 0.1, 0.9, 64),),
+        _tensor(),
+    ),
     EndSession(9, "c1"),
     Checkpoint(5, 3, 7, _tensor()),
     Error("compute", "boom", 5, "c1"),
@@ -75,7 +88,7 @@ def test_every_message_round_trips(message: object) -> None:
 
 
 def test_activation_payload_is_a_zero_copy_view_of_the_frame() -> None:
-    frame = encode(Activation(1, 0, 0, "c", 0, 0.0, 0, 0, (), _tensor((4, 4))))
+    frame = encode(Activation(1, 0, 0, "c", 0, 0.0, 0, 0, (), (), _tensor((4, 4))))
     decoded = decode(frame)
     assert isinstance(decoded, Activation)
     assert decoded.tensor.data.obj is frame
@@ -88,7 +101,7 @@ def test_activation_payload_is_a_zero_copy_view_of_the_frame() -> None:
     )
 )
 def test_arrays_round_trip_bitwise(array: np.ndarray) -> None:
-    out = array_from_wire(decode(encode(Result(1, 0, array_to_wire(array)))).tensor)  # type: ignore[union-attr]
+    out = array_from_wire(decode(encode(Result(1, 0, (), array_to_wire(array)))).tensor)  # type: ignore[union-attr]
     assert out.dtype == array.dtype
     assert out.shape == array.shape
     assert out.tobytes() == array.tobytes()
@@ -107,7 +120,7 @@ def test_non_contiguous_arrays_are_sent_contiguously() -> None:
 
 
 def test_decoded_array_is_read_only() -> None:
-    out = array_from_wire(decode(encode(Result(1, 0, _tensor()))).tensor)  # type: ignore[union-attr]
+    out = array_from_wire(decode(encode(Result(1, 0, (), _tensor()))).tensor)  # type: ignore[union-attr]
     assert not out.flags.writeable
 
 
@@ -117,7 +130,7 @@ def test_unsupported_array_dtype_is_refused() -> None:
 
 
 def test_truncated_frame_is_refused() -> None:
-    frame = encode(Result(1, 0, _tensor()))
+    frame = encode(Result(1, 0, (), _tensor()))
     with pytest.raises(ProtocolError, match="malformed frame"):
         decode(frame[:-5])
 
@@ -140,7 +153,7 @@ def test_wrong_field_type_is_refused() -> None:
 
 
 def test_oversized_frame_is_refused_before_decoding() -> None:
-    frame = encode(Result(1, 0, _tensor((16, 16))))
+    frame = encode(Result(1, 0, (), _tensor((16, 16))))
     with pytest.raises(
         ProtocolError, match=f"frame of {len(frame)} bytes exceeds the limit of 100 bytes"
     ):
@@ -186,7 +199,7 @@ def test_too_many_dimensions_are_refused() -> None:
 
 def test_empty_tensor_round_trips() -> None:
     out = array_from_wire(
-        decode(encode(Result(1, 0, array_to_wire(np.zeros((0, 3), np.float32))))).tensor
+        decode(encode(Result(1, 0, (), array_to_wire(np.zeros((0, 3), np.float32))))).tensor
     )  # type: ignore[union-attr]
     assert out.shape == (0, 3)
 

@@ -21,8 +21,8 @@ from butterfly.protocol.codec import SCATTER_THRESHOLD
 def test_large_tensor_parts_concatenate_to_the_plain_encoding(n: int) -> None:
     array = np.arange(n, dtype=np.float32)
     for message in (
-        Activation(7, 2, 1, "c", 3, 0.5, 0, 0, (), array_to_wire(array)),
-        Result(7, 2, array_to_wire(array)),
+        Activation(7, 2, 1, "c", 3, 0.5, 0, 0, (), (), array_to_wire(array)),
+        Result(7, 2, (), array_to_wire(array)),
     ):
         parts = encode_parts(message)
         assert len(parts) == 2
@@ -32,7 +32,7 @@ def test_large_tensor_parts_concatenate_to_the_plain_encoding(n: int) -> None:
 
 
 def test_small_tensors_and_other_messages_are_one_part() -> None:
-    small = Result(1, 0, array_to_wire(np.zeros(8, np.float32)))
+    small = Result(1, 0, (), array_to_wire(np.zeros(8, np.float32)))
     assert encode_parts(small) == (encode(small),)
     hello = Hello(1, "n", "worker")
     assert encode_parts(hello) == (encode(hello),)
@@ -40,7 +40,7 @@ def test_small_tensors_and_other_messages_are_one_part() -> None:
 
 def test_scattered_frame_decodes_to_the_same_message() -> None:
     array = np.random.default_rng(0).standard_normal(100_000).astype(np.float32)
-    decoded = decode(b"".join(encode_parts(Result(3, 1, array_to_wire(array)))))
+    decoded = decode(b"".join(encode_parts(Result(3, 1, (), array_to_wire(array)))))
     assert isinstance(decoded, Result)
     assert decoded.request_id == 3
     assert np.frombuffer(decoded.tensor.data, np.float32).tobytes() == array.tobytes()

@@ -132,7 +132,7 @@ async def test_task_past_its_deadline_fails_with_request_timeout() -> None:
                 with pytest.raises(RequestTimeout, match=r"did not complete within 0.2 s"):
                     await handle.result()
                 assert handle.status() is TaskStatus.FAILED
-            assert b.metrics()["requests_failed"] == {"timeout": 2}
+            assert b.metrics().requests_failed == {"timeout": 2}
         nursery.cancel_scope.cancel()
 
 
