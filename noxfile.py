@@ -75,7 +75,7 @@ def demo(session: nox.Session) -> None:
     session.run("python", "-m", "butterfly", "demo", *session.posargs)
 
 
-BENCHES = ("transport", "pipeline", "placement", "faults", "memory", "decode", "batching")
+BENCHES = ("transport", "pipeline", "placement", "faults", "memory", "decode", "batching", "metrics")
 
 
 @nox.session
@@ -87,7 +87,7 @@ def bench(session: nox.Session) -> None:
     requests lost / duplicated / wrong under injected faults, and recovery times; memory:
     peak RSS of workers holding parts of a model larger than each one's --max-memory;
     decode: per-token latency of 2 stages vs one process; batching: concurrent generations
-    with and without continuous batching.
+    with and without continuous batching; metrics: throughput with metrics on vs off.
     """
     install(session, "test")
     for name in session.posargs or BENCHES:

@@ -1,4 +1,5 @@
-"""``python -m butterfly demo``: split a model over local worker processes and compare to a local forward."""
+"""``python -m butterfly demo``: split a model over local worker processes and compare to a
+local forward. ``python -m butterfly top URL ...``: a live view of workers (see :mod:`.top`)."""
 
 from __future__ import annotations
 
@@ -64,7 +65,33 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--seq", type=int, default=32)
     d.add_argument("--requests", type=int, default=20)
     d.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    t = sub.add_parser("top", help="a live view of workers, read from their /metrics")
+    t.add_argument(
+        "urls",
+        nargs="+",
+        metavar="URL",
+        help="a worker's --metrics-listen address, e.g. http://10.0.0.5:9100",
+    )
+    t.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between refreshes (default 1)"
+    )
+    t.add_argument(
+        "--once", action="store_true", help="print one table (rates over one interval) and exit"
+    )
     args = parser.parse_args(argv)
+    if args.command == "top":
+        from .errors import ButterflyError
+        from .top import watch
+
+        urls = [u if "://" in u else f"http://{u}" for u in args.urls]
+        try:
+            watch(urls, interval=args.interval, once=args.once)
+        except ButterflyError as exc:
+            print(f"python -m butterfly top: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            pass
+        return 0
     return demo(args.model, args.workers, args.batch, args.seq, args.requests, args.threads)
 
 

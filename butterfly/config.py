@@ -183,6 +183,9 @@ class NetworkConfig:
 class MetricsConfig:
     """The metrics service (``butterfly/metrics/``)."""
 
+    #: False: components' events are not recorded at all (the snapshot stays empty);
+    #: for measuring what metrics cost (``python -m bench.metrics``).
+    enabled: bool = True
     #: Latencies kept for percentiles.
     latency_window: int = attrs.field(default=4096, validator=_positive)
     #: Events waiting for the metrics service; beyond it an event is dropped and counted

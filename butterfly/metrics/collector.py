@@ -110,6 +110,7 @@ class MetricsService:
     def __init__(self, config: MetricsConfig | None = None) -> None:
         self.config = config or MetricsConfig()
         self.registry = CollectorRegistry(auto_describe=True)
+        self._enabled = self.config.enabled
         self._send, self._receive = trio.open_memory_channel[Event](self.config.event_queue_size)
         self._pending = trio.Event()  # set when the channel has events to apply
         self._series()
@@ -265,6 +266,8 @@ class MetricsService:
 
     def emit(self, event: Event) -> None:
         """Queue ``event``; never waits (a full channel drops and counts it)."""
+        if not self._enabled:
+            return
         try:
             self._send.send_nowait(event)
         except trio.WouldBlock:

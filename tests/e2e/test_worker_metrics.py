@@ -150,3 +150,26 @@ def test_the_metrics_port_serves_only_metrics_and_health_and_not_the_secret(work
     assert worker.get("/admin")[0] == 404
     status, text = worker.get("/metrics")
     assert status == 200 and SECRET not in text
+
+
+def test_top_shows_each_worker_its_state_stages_and_links(worker: Worker) -> None:
+    address = worker.wait_ready()
+    with Butterfly.connect([address], secret=SECRET) as b:
+        b.infer(torch.randn(1, 64))
+        shown = subprocess.run(
+            [sys.executable, "-m", "butterfly", "top", "--once", "--interval", "0.2", worker.metrics_url],
+            capture_output=True, text=True, timeout=30, env={**os.environ, "COLUMNS": "200"},
+        )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert worker.node_id in shown.stdout
+    assert "ok" in shown.stdout and "0-5 (" in shown.stdout
+    assert "←" in shown.stdout  # bytes from the coordinator
+
+
+def test_top_refuses_a_non_positive_interval() -> None:
+    shown = subprocess.run(
+        [sys.executable, "-m", "butterfly", "top", "--interval", "0", "http://127.0.0.1:9"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert shown.returncode == 2
+    assert "--interval must be a positive number of seconds, got 0.0" in shown.stderr
