@@ -11,6 +11,7 @@ from butterfly import AsyncButterfly, TaskStatus
 from butterfly.errors import ApiError, ComputeError, RequestTimeout, SchedulingError
 from butterfly.transport import MemoryNetwork
 from tests.inmemory import FAST, local_forward, start_workers
+from tests.tolerance import rounding_bound
 from tests.waiting import wait_until
 
 
@@ -136,7 +137,7 @@ async def test_task_past_its_deadline_fails_with_request_timeout() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_micro_batched_requests_of_different_batch_sizes_get_their_own_rows_bitwise() -> None:
+async def test_micro_batched_requests_of_different_batch_sizes_get_their_own_rows() -> None:
     net = MemoryNetwork()
     cfg = config(dispatch_batch_size=16, max_batch_wait_ms=300)
     async with trio.open_nursery() as nursery:
@@ -147,10 +148,15 @@ async def test_micro_batched_requests_of_different_batch_sizes_get_their_own_row
             outputs = await b.infer_many(xs)
             assert workers[0].computed == 1  # one forward for all four requests
             expected = local_forward(torch.cat(xs)).split([1, 3, 2, 5])
+            # Not bitwise: the full suite once gave a last-bit difference here (CI, after the
+            # e2e tests; never alone, nor under load, nor after any one e2e module: MKL picks
+            # kernels by more than shape — 4-byte misaligned inputs differ by 3e-8 here).
+            # Rows swapped between requests would differ by ~0.1; rounding is bounded by
+            # eps × max|y| × the reduction lengths (three 64-wide Linear layers).
             for out, exp in zip(outputs, expected, strict=True):
                 assert out.shape == exp.shape
-                assert torch.equal(out, exp)
-                torch.testing.assert_close(out, exp)
+                bound = rounding_bound(exp, 3 * 64)
+                torch.testing.assert_close(out, exp, rtol=0, atol=bound)
         nursery.cancel_scope.cancel()
 
 
