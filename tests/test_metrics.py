@@ -175,3 +175,68 @@ async def test_generation_counts_its_tokens_and_times_the_first_and_the_next(
     assert series[("butterfly_time_to_first_token_seconds_count", ())] == 1
     assert series[("butterfly_time_per_output_token_seconds_count", ())] == 5
     assert snapshot.time_to_first_token_p50_s is not None
+
+
+async def test_one_inference_emits_this_sequence_of_events_from_every_component(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    net = MemoryNetwork()
+    async with trio.open_nursery() as nursery:
+        await start_workers(nursery, net, "butterfly.model.zoo:mlp", n=2)
+        async with AsyncButterfly.connect(["mem://w0"], transport=net, config=FAST) as b:
+            metrics = b._system.metrics
+            seen: list[events.Event] = []
+            apply = metrics._apply
+
+            def record(event: events.Event) -> None:
+                seen.append(event)
+                apply(event)
+
+            b.metrics()  # what connecting emitted is applied: from here on, one inference
+            monkeypatch.setattr(metrics, "_apply", record)
+            await b.infer(torch.randn(2, 64))
+            b.metrics()
+        nursery.cancel_scope.cancel()
+    background = (events.CacheReported, events.WorkerStateChanged)  # heartbeats' answers
+    names = [
+        type(e).__name__ + (f":{e.phase}" if isinstance(e, events.PhaseTransition) else "")
+        for e in seen
+        if not isinstance(e, background)
+    ]
+    assert names == [
+        "TaskSubmitted",
+        "TaskEnqueued",
+        "TaskDispatching",
+        "PhaseTransition:assignment",
+        "MessageSent",
+        "BytesTransferred",
+        "PhaseTransition:computation",
+        "TaskDispatched",
+        "MessageReceived",
+        "BytesTransferred",
+        "LinkTransferred",
+        "StageComputed",
+        "LinkTransferred",
+        "StageComputed",
+        "LinkTransferred",
+        "PhaseTransition:aggregation",
+        "TaskCompleted",
+        "PhaseTransition:commitment",
+    ]
+
+
+async def test_a_summary_goes_to_the_log_every_export_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("INFO", logger="butterfly.metrics")
+    config: dict[str, Any] = {**FAST, "metrics": {"export_interval_secs": 0.1}}
+    net = MemoryNetwork()
+    async with trio.open_nursery() as nursery:
+        await start_workers(nursery, net, "butterfly.model.zoo:mlp", n=1)
+        async with AsyncButterfly.connect(["mem://w0"], transport=net, config=config) as b:
+            await b.infer(torch.randn(1, 64))
+            await trio.sleep(0.25)
+        nursery.cancel_scope.cancel()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("metrics: ")]
+    assert len(lines) >= 2
+    assert lines[-1].startswith("metrics: 1 completed, 0 failed, 0 queued, 0 in flight, p50 ")
