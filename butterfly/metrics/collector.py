@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import logging
 import statistics
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -137,6 +137,7 @@ class MetricsService:
         self.sent = 0
         self.received = 0
         self.dropped = 0
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._queued: set[int] = set()
         self._running: set[int] = set()
         self.latencies: collections.deque[float] = collections.deque(
@@ -145,6 +146,9 @@ class MetricsService:
         self.first_tokens: collections.deque[float] = collections.deque(
             maxlen=self.config.latency_window
         )
+        # Computed when scraped: nothing to keep up to date per event.
+        self.queue_depth.set_function(lambda: len(self._queued))
+        self.in_flight.set_function(lambda: len(self._running))
         # The events of the last ``trace_tasks`` tasks, by task id.
         self._traces: collections.OrderedDict[int, list[Event]] = collections.OrderedDict()
 
@@ -238,7 +242,7 @@ class MetricsService:
             registry=r,
         )
         self.workers_up = Gauge(
-            "butterfly_worker_up", "1 while a worker is connected.", ["node"], registry=r
+            "butterfly_worker_up", "1 while a worker is ready (connected and serving).", ["node"], registry=r
         )
         self.kv_cache_bytes = Gauge(
             "butterfly_kv_cache_bytes", "KV-cache bytes a worker holds.", ["node"], registry=r
@@ -332,30 +336,30 @@ class MetricsService:
                 pass
             case TaskRetried(reason=reason, layer=layer):
                 self.retried[reason] += 1
-                self.retries_total.labels(reason=reason).inc()
+                self._child(self.retries_total, reason).inc()
                 self.resumed += layer > 0
             case TaskCompleted(task_id=task, latency_s=latency):
                 self._finished(task)
                 self.completed += 1
                 self.latencies.append(latency)
-                self.requests_total.labels(status="completed").inc()
+                self._child(self.requests_total, "completed").inc()
                 self.request_duration.observe(latency)
             case TaskFailed(task_id=task, kind=kind):
                 self._finished(task)
                 self.failed[kind] += 1
-                self.requests_total.labels(status=f"failed_{kind}").inc()
+                self._child(self.requests_total, f"failed_{kind}").inc()
             case TaskCancelled(task_id=task):
                 self._finished(task)
                 self.cancelled += 1
-                self.requests_total.labels(status="cancelled").inc()
+                self._child(self.requests_total, "cancelled").inc()
             case StageComputed(stage=stage, node=node, wait_s=wait, compute_s=compute):
                 self.stage_compute[(stage, node)] += compute
-                self.stage_compute_seconds.labels(stage=str(stage), node=node).observe(compute)
-                self.stage_wait_seconds.labels(stage=str(stage), node=node).observe(wait)
+                self._child(self.stage_compute_seconds, str(stage), node).observe(compute)
+                self._child(self.stage_wait_seconds, str(stage), node).observe(wait)
             case LinkTransferred(src=src, dst=dst, seconds=seconds, nbytes=nbytes):
                 self.link_bytes[(src, dst)] += nbytes
-                self.link_bytes_total.labels(src=src, dst=dst).inc(nbytes)
-                self.link_transfer_seconds.labels(src=src, dst=dst).observe(max(seconds, 0.0))
+                self._child(self.link_bytes_total, src, dst).inc(nbytes)
+                self._child(self.link_transfer_seconds, src, dst).observe(max(seconds, 0.0))
             case FirstToken(seconds=seconds, rows=rows):
                 self.tokens += rows
                 self.first_tokens.append(seconds)
@@ -370,7 +374,7 @@ class MetricsService:
                 self.session_replays_total.inc()
             case PartitionComputed(strategy=strategy, duration_s=duration):
                 self.last_planning_s = duration
-                self.partition_seconds.labels(strategy=strategy).observe(duration)
+                self._child(self.partition_seconds, strategy).observe(duration)
             case PartitionCacheHit():
                 self.plan_cache["hits"] += 1
                 self.partition_cache_hits.inc()
@@ -385,27 +389,34 @@ class MetricsService:
                 self.consensus_total.inc()
             case PhaseTransition(scope=scope, phase=phase):
                 self.phases[f"{scope}:{phase}"] += 1
-                self.phase_total.labels(scope=scope, phase=phase).inc()
+                self._child(self.phase_total, scope, phase).inc()
             case WorkerStateChanged(node_id=node, state=state):
                 self.worker_states[node] = state
-                self.workers_up.labels(node=node).set(1 if state == "connected" else 0)
+                self._child(self.workers_up, node).set(1 if state == "ready" else 0)
             case CacheReported(node_id=node, kv_cache_bytes=nbytes):
-                self.kv_cache_bytes.labels(node=node).set(nbytes)
+                self._child(self.kv_cache_bytes, node).set(nbytes)
             case NodeFailure(reason=reason):
                 self.failures[reason] += 1
-                self.node_failures_total.labels(reason=reason).inc()
+                self._child(self.node_failures_total, reason).inc()
             case MessageSent(kind=kind, nbytes=nbytes):
                 self.sent += 1
-                self.messages_total.labels(direction="out", kind=kind).inc()
-                self.message_bytes_total.labels(direction="out").inc(nbytes)
+                self._child(self.messages_total, "out", kind).inc()
+                self._child(self.message_bytes_total, "out").inc(nbytes)
             case MessageReceived(kind=kind, nbytes=nbytes):
                 self.received += 1
-                self.messages_total.labels(direction="in", kind=kind).inc()
-                self.message_bytes_total.labels(direction="in").inc(nbytes)
+                self._child(self.messages_total, "in", kind).inc()
+                self._child(self.message_bytes_total, "in").inc(nbytes)
             case BytesTransferred(peer=peer, direction=direction, nbytes=nbytes):
-                self.tensor_bytes_total.labels(direction=direction, peer=peer).inc(nbytes)
-        self.queue_depth.set(len(self._queued))
-        self.in_flight.set(len(self._running))
+                self._child(self.tensor_bytes_total, direction, peer).inc(nbytes)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered: prometheus_client's lookup validates and
+        locks on every call, which the hot path would pay per event."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def _finished(self, task: int) -> None:
         self._queued.discard(task)
