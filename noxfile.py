@@ -75,7 +75,16 @@ def demo(session: nox.Session) -> None:
     session.run("python", "-m", "butterfly", "demo", *session.posargs)
 
 
-BENCHES = ("transport", "pipeline", "placement", "faults", "memory", "decode", "batching", "metrics")
+BENCHES = (
+    "transport",
+    "pipeline",
+    "placement",
+    "faults",
+    "memory",
+    "decode",
+    "batching",
+    "metrics",
+)
 
 
 @nox.session

@@ -242,7 +242,10 @@ class MetricsService:
             registry=r,
         )
         self.workers_up = Gauge(
-            "butterfly_worker_up", "1 while a worker is ready (connected and serving).", ["node"], registry=r
+            "butterfly_worker_up",
+            "1 while a worker is ready (connected and serving).",
+            ["node"],
+            registry=r,
         )
         self.kv_cache_bytes = Gauge(
             "butterfly_kv_cache_bytes", "KV-cache bytes a worker holds.", ["node"], registry=r
