@@ -10,24 +10,15 @@ from typing import Any
 import pytest
 import torch
 import trio
-from prometheus_client.parser import text_string_to_metric_families
 
 from butterfly import AsyncButterfly
 from butterfly.errors import ApiError
 from butterfly.metrics import events
 from butterfly.transport import MemoryNetwork
+from tests.exposition import samples
 from tests.inmemory import FAST, local_forward, start_workers
 
 ACTIVATION_BYTES = 2 * 64 * 4  # a (2, 64) float32 input; every mlp stage keeps that shape
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of an exposition, by (name, sorted labels)."""
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 async def test_one_request_is_traced_through_the_queue_every_stage_and_every_hop() -> None:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 from butterfly import Butterfly
 from butterfly.model.zoo import mlp
+from tests.exposition import samples
 
 pytestmark = pytest.mark.slow
 
@@ -120,11 +120,7 @@ def test_metrics_count_the_requests_the_worker_computed(worker: Worker) -> None:
         coordinator = b._system.coordination.node_id
         status, text = worker.get("/metrics")
     assert status == 200
-    series = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+    series = samples(text)
     node = (("node", worker.node_id),)
     assert series[("butterfly_worker_computations_total", node)] == 5
     assert series[("butterfly_worker_stage_compute_seconds_total", (("layers", "0-5"), *node))] > 0
