@@ -179,6 +179,14 @@ class NetworkConfig:
             )
 
 
+def _check_listen(value: str) -> None:
+    if not value:
+        return
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"'listen' must be HOST:PORT (e.g. 127.0.0.1:9200), got {value!r}")
+
+
 @attrs.frozen
 class MetricsConfig:
     """The metrics service (``butterfly/metrics/``)."""
@@ -197,6 +205,9 @@ class MetricsConfig:
     #: events kept per task.
     trace_tasks: int = attrs.field(default=1024, validator=_positive)
     trace_events_per_task: int = attrs.field(default=256, validator=_positive)
+    #: ``HOST:PORT`` where the client serves its ``/metrics`` (Prometheus text) and
+    #: ``/health`` over plain HTTP while it runs; empty: nowhere.
+    listen: str = attrs.field(default="", validator=lambda _, __, value: _check_listen(value))
 
 
 @attrs.frozen

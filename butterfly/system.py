@@ -10,6 +10,7 @@ assigned; ``aclose`` drains in-flight requests with a deadline, then cancels.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
@@ -23,6 +24,8 @@ from .coordination import CoordinationService, Response
 from .errors import ApiError
 from .generation import GenerationService, SamplingParams, check_token_ids
 from .metrics import MetricsService
+from .metrics.http import EXPOSITION_TYPE, Routes, serve_http
+from .metrics.http import Response as HttpResponse
 from .partition import PartitionService
 from .scheduling import InferenceTask, SchedulingService
 from .transport import Transport, WebsocketTransport
@@ -64,11 +67,22 @@ class ButterflySystem:
         )
         self.generation = GenerationService(self.scheduling, self.coordination, config.scheduling)
         self._stop = trio.Event()
+        #: (host, port) of the /metrics server with ``metrics.listen``.
+        self.metrics_address: tuple[str, int] | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start every service; ready once the model is placed; runs until :meth:`aclose`."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.metrics.run)
+            if self.config.metrics.listen:
+                host, _, port = self.config.metrics.listen.rpartition(":")
+                routes: Routes = {
+                    "/metrics": lambda: (200, EXPOSITION_TYPE, self.metrics.exposition().encode()),
+                    "/health": self._health,
+                }
+                self.metrics_address = await nursery.start(
+                    serve_http, host.strip("[]"), int(port), routes
+                )
             await nursery.start(self.scheduling.run)
             await nursery.start(self.generation.run)
             await nursery.start(self.coordination.run)
@@ -149,3 +163,12 @@ class ButterflySystem:
 
     def cluster(self) -> ClusterInfo:
         return self.coordination.cluster()
+
+    def _health(self) -> HttpResponse:
+        stages = self.coordination.cluster().stages
+        body: dict[str, object]
+        if not stages:
+            body = {"status": "unplaced", "reason": "no placement of the model yet"}
+            return 503, "application/json", json.dumps(body).encode() + b"\n"
+        body = {"status": "ok", "stages": len(stages)}
+        return 200, "application/json", json.dumps(body).encode() + b"\n"

@@ -4,6 +4,7 @@ Prometheus exposition after a known number of requests, dropped events, traces
 
 from __future__ import annotations
 
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,8 @@ import torch
 import trio
 
 from butterfly import AsyncButterfly
-from butterfly.errors import ApiError
+from butterfly.config import load_config
+from butterfly.errors import ApiError, ConfigError
 from butterfly.metrics import events
 from butterfly.transport import MemoryNetwork
 from tests.exposition import samples
@@ -231,3 +233,33 @@ async def test_a_summary_goes_to_the_log_every_export_interval(
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("metrics: ")]
     assert len(lines) >= 2
     assert lines[-1].startswith("metrics: 1 completed, 0 failed, 0 queued, 0 in flight, p50 ")
+
+
+async def test_the_client_serves_its_metrics_and_health_over_http_with_metrics_listen() -> None:
+    config: dict[str, Any] = {**FAST, "metrics": {"listen": "127.0.0.1:0"}}
+    net = MemoryNetwork()
+    async with trio.open_nursery() as nursery:
+        await start_workers(nursery, net, "butterfly.model.zoo:mlp", n=1)
+        async with AsyncButterfly.connect(["mem://w0"], transport=net, config=config) as b:
+            await b.infer(torch.randn(1, 64))
+            address = b._system.metrics_address
+            assert address is not None
+            base = f"http://{address[0]}:{address[1]}"
+
+            def get(path: str) -> tuple[int, str]:
+                with urllib.request.urlopen(base + path, timeout=5) as response:
+                    return response.status, response.read().decode()
+
+            status, text = await trio.to_thread.run_sync(get, "/metrics")
+            health = await trio.to_thread.run_sync(get, "/health")
+        nursery.cancel_scope.cancel()
+    assert status == 200
+    assert samples(text)[("butterfly_requests_total", (("status", "completed"),))] == 1
+    assert health == (200, '{"status": "ok", "stages": 1}\n')
+
+
+def test_metrics_listen_must_be_host_and_port() -> None:
+    with pytest.raises(
+        ConfigError, match=r"metrics\.listen: must be HOST:PORT \(e\.g\. 127\.0\.0\.1:9200\), got 'nope'"
+    ):
+        load_config({"metrics": {"listen": "nope"}})

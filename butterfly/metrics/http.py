@@ -17,13 +17,16 @@ import trio
 
 from ..errors import NetworkError
 
-__all__ = ["Response", "Routes", "serve_http"]
+__all__ = ["EXPOSITION_TYPE", "Response", "Routes", "serve_http"]
 
 log = logging.getLogger(__name__)
 
 #: (status, content type, body)
 Response = tuple[int, str, bytes]
 Routes = dict[str, Callable[[], Response]]
+
+#: The content type of the Prometheus text format.
+EXPOSITION_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _MAX_REQUEST = 16 * 1024
 _TIMEOUT_S = 10.0
