@@ -260,6 +260,7 @@ async def test_the_client_serves_its_metrics_and_health_over_http_with_metrics_l
 
 def test_metrics_listen_must_be_host_and_port() -> None:
     with pytest.raises(
-        ConfigError, match=r"metrics\.listen: must be HOST:PORT \(e\.g\. 127\.0\.0\.1:9200\), got 'nope'"
+        ConfigError,
+        match=r"metrics\.listen: must be HOST:PORT \(e\.g\. 127\.0\.0\.1:9200\), got 'nope'",
     ):
         load_config({"metrics": {"listen": "nope"}})
