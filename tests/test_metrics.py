@@ -264,3 +264,31 @@ def test_metrics_listen_must_be_host_and_port() -> None:
         match=r"metrics\.listen: must be HOST:PORT \(e\.g\. 127\.0\.0\.1:9200\), got 'nope'",
     ):
         load_config({"metrics": {"listen": "nope"}})
+
+
+async def test_a_micro_batch_counts_its_bytes_once_and_is_in_each_of_its_tasks_traces() -> None:
+    config: dict[str, Any] = {
+        **FAST,
+        "scheduling": {"dispatch_batch_size": 16, "max_batch_wait_ms": 200},
+    }
+    net = MemoryNetwork()
+    async with trio.open_nursery() as nursery:
+        (worker,) = await start_workers(nursery, net, "butterfly.model.zoo:mlp", n=1)
+        async with AsyncButterfly.connect(["mem://w0"], transport=net, config=config) as b:
+            me = b._system.coordination.node_id
+            first, second = await b.submit(torch.randn(1, 64)), await b.submit(torch.randn(2, 64))
+            await first.result()
+            await second.result()
+            assert worker.computed == 1  # one request for both
+            snapshot = b.metrics()
+            traces = [b.trace(first.task_id), b.trace(second.task_id)]
+        nursery.cancel_scope.cancel()
+    rows_bytes = 3 * 64 * 4
+    assert snapshot.link_bytes == {
+        (me, worker.node_id): rows_bytes,
+        (worker.node_id, me): rows_bytes,
+    }
+    for trace in traces:
+        assert [type(e).__name__ for e in trace if isinstance(e, events.StageComputed)] == [
+            "StageComputed"
+        ]

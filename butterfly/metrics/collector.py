@@ -325,7 +325,10 @@ class MetricsService:
     # -- applying ---------------------------------------------------------------------------
 
     def _apply(self, event: Event) -> None:
-        if isinstance(event, TASK_EVENTS):
+        if isinstance(event, StageComputed | LinkTransferred):
+            for task in event.tasks:  # one request, every task of its micro-batch
+                self._trace(task, event)
+        elif isinstance(event, TASK_EVENTS):
             self._trace(event.task_id, event)
         match event:
             case TaskSubmitted():

@@ -127,11 +127,13 @@ class TaskCancelled:
 
 @attrs.frozen
 class StageComputed:
-    """Stage ``stage`` on ``node`` held request ``request_id`` of task ``task_id``: it waited
-    ``wait_s`` for the device, computed for ``compute_s`` and sent ``out_bytes``."""
+    """Stage ``stage`` on ``node`` held request ``request_id`` (of ``tasks``, a micro-batch;
+    ``task_id`` is the first): it spent ``wait_s`` not computing (queues, the device) and
+    ``compute_s`` computing, and sent ``out_bytes``."""
 
     task_id: int
     at: float
+    tasks: tuple[int, ...]
     request_id: int
     stage: int
     node: str
@@ -142,12 +144,13 @@ class StageComputed:
 
 @attrs.frozen
 class LinkTransferred:
-    """The activation of task ``task_id`` crossed ``src`` → ``dst`` (node ids; the
+    """The activation of ``tasks`` (``task_id`` the first) crossed ``src`` → ``dst`` (node ids; the
     coordinator's own id at either end) in ``seconds`` (wall clocks of two hosts: as
     exact as their synchronisation), ``nbytes`` of tensor."""
 
     task_id: int
     at: float
+    tasks: tuple[int, ...]
     src: str
     dst: str
     seconds: float

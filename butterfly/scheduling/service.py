@@ -556,31 +556,29 @@ class SchedulingService:
                             batch.wake.set()
 
     def _account(self, batch: _Batch, result: Result) -> None:
-        """Where the time of the request went, from the timings its stages appended."""
+        """Where the time of the request went, from the timings its stages appended: one
+        event per stage and per hop between nodes, for all the request's tasks together."""
+        live = batch.live()
+        if not live or not result.trace:
+            return
         now, arrived = trio.current_time(), time.time()
-        me = self.coordination.node_id
-        hops = [(me, batch.sent_wall, batch.sent_bytes)]
+        me, tasks = self.coordination.node_id, tuple(t.task_id for t in live)
+        src, sent, nbytes = me, batch.sent_wall, batch.sent_bytes
         for stage in result.trace:
-            hops.append((stage.node_id, stage.done, stage.out_bytes))
-        for task in batch.live():
-            for i, stage in enumerate(result.trace):
-                src, sent, nbytes = hops[i]
+            if stage.node_id != src:  # consecutive stages on one worker cross no link
                 self.metrics.emit(
                     LinkTransferred(
-                        task.task_id, now, src, stage.node_id, stage.received - sent, nbytes
+                        tasks[0], now, tasks, src, stage.node_id, stage.received - sent, nbytes
                     )
                 )
-                self.metrics.emit(
-                    StageComputed(
-                        task.task_id, now, result.request_id, stage.stage, stage.node_id,
-                        stage.wait_s, stage.compute_s, stage.out_bytes,
-                    )
-                )  # fmt: skip
-            if result.trace:
-                src, sent, nbytes = hops[-1]
-                self.metrics.emit(
-                    LinkTransferred(task.task_id, now, src, me, arrived - sent, nbytes)
+            self.metrics.emit(
+                StageComputed(
+                    tasks[0], now, tasks, result.request_id, stage.stage, stage.node_id,
+                    stage.wait_s, stage.compute_s, stage.out_bytes,
                 )
+            )  # fmt: skip
+            src, sent, nbytes = stage.node_id, stage.done, stage.out_bytes
+        self.metrics.emit(LinkTransferred(tasks[0], now, tasks, src, me, arrived - sent, nbytes))
 
     def statistics(self) -> dict[str, int]:
         return {
