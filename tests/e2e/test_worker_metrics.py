@@ -31,18 +31,18 @@ MLP_WEIGHT_BYTES = 3 * (64 * 64 + 64) * 4  # three Linear(64, 64), float32
 class Worker:
     """``python -m butterfly.worker`` with ``--metrics-listen``, its stdout lines in a queue."""
 
-    def __init__(self, tmp_path: Path, model: str = "tests.models:slow_loading_mlp") -> None:
+    def __init__(self, tmp_path: Path, load_s: float = 0.0) -> None:
         secret_file = tmp_path / "secret"
         secret_file.write_text(SECRET)
         secret_file.chmod(0o600)
         self.proc = subprocess.Popen(
             [
                 sys.executable, "-m", "butterfly.worker", "--listen", "127.0.0.1:0",
-                "--metrics-listen", "127.0.0.1:0", "--model", model,
+                "--metrics-listen", "127.0.0.1:0", "--model", "tests.models:slow_loading_mlp",
                 "--secret-file", str(secret_file), "--threads", "1",
             ],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-            env={**os.environ, "BUTTERFLY_TEST_LOAD_S": "2"},
+            env={**os.environ, "BUTTERFLY_TEST_LOAD_S": str(load_s)},
         )  # fmt: skip
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -91,7 +91,15 @@ def worker(tmp_path: Path) -> Iterator[Worker]:
         w.stop()
 
 
-def test_health_is_503_while_loading_then_without_a_placement_then_200(worker: Worker) -> None:
+def test_health_is_503_while_loading_then_without_a_placement_then_200(tmp_path: Path) -> None:
+    worker = Worker(tmp_path, load_s=3.0)  # its model takes 3 s to build
+    try:
+        _health_follows_the_worker(worker)
+    finally:
+        worker.stop()
+
+
+def _health_follows_the_worker(worker: Worker) -> None:
     status, body = worker.get("/health")
     assert (status, json.loads(body)["status"]) == (503, "loading")
     address = worker.wait_ready()
