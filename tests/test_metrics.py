@@ -19,6 +19,7 @@ from butterfly.metrics import events
 from butterfly.transport import MemoryNetwork
 from tests.exposition import samples
 from tests.inmemory import FAST, local_forward, start_workers
+from tests.waiting import wait_until
 
 ACTIVATION_BYTES = 2 * 64 * 4  # a (2, 64) float32 input; every mlp stage keeps that shape
 
@@ -228,11 +229,14 @@ async def test_a_summary_goes_to_the_log_every_export_interval(
         await start_workers(nursery, net, "butterfly.model.zoo:mlp", n=1)
         async with AsyncButterfly.connect(["mem://w0"], transport=net, config=config) as b:
             await b.infer(torch.randn(1, 64))
-            await trio.sleep(0.25)
+
+            def summaries() -> list[str]:
+                messages = [r.getMessage() for r in caplog.records]
+                return [m for m in messages if m.startswith("metrics: 1 completed")]
+
+            await wait_until(lambda: len(summaries()) >= 2, what="two summaries after it")
         nursery.cancel_scope.cancel()
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("metrics: ")]
-    assert len(lines) >= 2
-    assert lines[-1].startswith("metrics: 1 completed, 0 failed, 0 queued, 0 in flight, p50 ")
+    assert summaries()[-1].startswith("metrics: 1 completed, 0 failed, 0 queued, 0 in flight, p50 ")
 
 
 async def test_the_client_serves_its_metrics_and_health_over_http_with_metrics_listen() -> None:

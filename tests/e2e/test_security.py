@@ -439,7 +439,12 @@ async def _hold_partial_frames(address: str, declared: int, sent: int, n: int) -
                     dialer=True,
                 )
             )  # fmt: skip
-            me = Hello(version=PROTOCOL_VERSION, node_id=f"hold-{i}", role="coordinator")
+            # A slow heartbeat pace: the worker must not drop the first connections (they
+            # send none) before the last one has been tried, however loaded the machine.
+            me = Hello(
+                version=PROTOCOL_VERSION, node_id=f"hold-{i}", role="coordinator",
+                heartbeat_interval=30.0,
+            )  # fmt: skip
             await peer.handshake(me, Handshake(me, expect_roles=frozenset({"worker"})), timeout=5)
             header = encode_header(Opcode.BINARY, declared, mask_key=b"\x01\x02\x03\x04")
             await conn._stream.send_all(header + bytes(sent))  # type: ignore[attr-defined]
