@@ -161,7 +161,10 @@ async def test_a_placement_naming_an_unreachable_upstream_does_not_hold_up_other
                 while not isinstance(reply := await mallory.receive(), Error):
                     pass
             assert reply.message == "cannot link to upstream worker 'ghost' at mem://silent"
-            assert 1 not in worker._plans["mallory"]  # the failed placement holds nothing
+            # The failed placement is forgotten and holds nothing: its stage (layers 3-5) is
+            # released (alice, gone by now, released hers when she left).
+            assert 1 not in worker._plans["mallory"]
+            assert worker._runtimes == {}
         nursery.cancel_scope.cancel()
 
 

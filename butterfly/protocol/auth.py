@@ -172,8 +172,6 @@ class FrameSeal:
     def tag(self, parts: tuple[Buffer, ...]) -> bytes:
         """The tag to append to the next frame sent, made of ``parts``."""
         mac = self.outgoing()
-        if len(parts) > 1 and sum(len(p) for p in parts) <= _JOIN_LIMIT:
-            parts = (b"".join(parts),)  # one call costs less than the incremental set-up
         for part in parts:
             mac.update(part)
         return mac.finish()
@@ -191,9 +189,10 @@ class _Direction:
 
 
 class FrameMac:
-    """AES-GMAC of one frame, fed in pieces. A frame fed in one piece (every small one)
-    costs one call; a frame fed in several uses the incremental interface, whose set-up
-    (about 2 µs) only a large frame can amortise."""
+    """AES-GMAC of one frame, fed in pieces. Up to ``_JOIN_LIMIT`` bytes are collected and
+    tagged in one call (every small frame, however many parts it has); beyond that the
+    incremental interface takes over, whose set-up (about 2 µs) only a large frame can
+    amortise."""
 
     size = TAG_BYTES
 
@@ -201,7 +200,7 @@ class FrameMac:
         self._direction = direction
         self._take_number = take_number
         self.number = -1  # taken when first needed
-        self._first: Buffer | None = None
+        self._small: bytearray | None = bytearray()  # None once incremental
         self._encryptor: Any = None
 
     @property
@@ -212,18 +211,18 @@ class FrameMac:
         return _nonce(self.number)
 
     def update(self, data: Buffer) -> None:
-        if self._encryptor is None:
-            if self._first is None:
-                self._first = data
+        if self._small is not None:
+            if len(self._small) + len(data) <= _JOIN_LIMIT:
+                self._small += data
                 return
             self._encryptor = Cipher(self._direction.aes, modes.GCM(self._nonce)).encryptor()
-            self._encryptor.authenticate_additional_data(self._first)
-            self._first = None
+            self._encryptor.authenticate_additional_data(self._small)
+            self._small = None
         self._encryptor.authenticate_additional_data(data)
 
     def finish(self) -> bytes:
-        if self._encryptor is None:
-            return self._direction.aead.encrypt(self._nonce, b"", self._first or b"")
+        if self._small is not None:
+            return self._direction.aead.encrypt(self._nonce, b"", bytes(self._small))
         self._encryptor.finalize()
         tag: bytes = self._encryptor.tag
         return tag

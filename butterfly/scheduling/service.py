@@ -380,9 +380,8 @@ class SchedulingService:
             stage, layer, tensor, position, keep = self._entry(batch)
             session = batch.tasks[0].session
             started = trio.current_time()
-            for task in batch.live():
-                if attempt:
-                    self.metrics.emit(TaskRetried(task.task_id, started, attempt, reason, layer))
+            for task in batch.live() if attempt else ():
+                self.metrics.emit(TaskRetried(task.task_id, started, attempt, reason, layer))
             self._batches[batch.request_id] = batch
             epoch = batch.placement.epoch
             self.coordination.request_started(epoch)

@@ -196,9 +196,9 @@ class WebsocketConnection:
     ) -> None:
         length = sum(len(p) for p in parts)
         if mac is not None and (self._client or length <= _SMALL):
-            # A small frame is MAC'd at once (joined: one call); a masked one is copied
-            # whole anyway. Only a large unmasked frame is MAC'd as it goes out.
-            parts = sealed((b"".join(parts),) if len(parts) > 1 else parts, mac)
+            # A small frame is MAC'd at once; a masked one is copied whole anyway. Only a
+            # large unmasked frame is MAC'd as it goes out.
+            parts = sealed(parts, mac)
             length, mac = length + mac.size, None
         mask_key = os.urandom(4) if self._client else None
         header = encode_header(opcode, length + (mac.size if mac else 0), mask_key=mask_key)

@@ -77,24 +77,36 @@ class _WorkerCollector(Collector):
         yield _gauge(
             "butterfly_worker_coordinators", "Coordinators connected.", node, len(w._coordinators)
         )
-        computed = CounterMetricFamily(
-            "butterfly_worker_computations", "Stage computations done.", labels=["node"]
+        yield _per_node(
+            CounterMetricFamily,
+            "butterfly_worker_computations",
+            "Stage computations done.",
+            node,
+            w.computed,
         )
-        computed.add_metric([node], w.computed)
-        yield computed
-        dropped = CounterMetricFamily(
+        yield _per_node(
+            CounterMetricFamily,
             "butterfly_worker_dropped",
             "Requests dropped because their coordinator cancelled them.",
-            labels=["node"],
+            node,
+            w.dropped,
         )
-        dropped.add_metric([node], w.dropped)
-        yield dropped
 
 
-def _gauge(name: str, documentation: str, node: str, value: float) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(name, documentation, labels=["node"])
+def _per_node(
+    kind: type[GaugeMetricFamily] | type[CounterMetricFamily],
+    name: str,
+    documentation: str,
+    node: str,
+    value: float,
+) -> Metric:
+    family = kind(name, documentation, labels=["node"])
     family.add_metric([node], value)
     return family
+
+
+def _gauge(name: str, documentation: str, node: str, value: float) -> Metric:
+    return _per_node(GaugeMetricFamily, name, documentation, node, value)
 
 
 def worker_registry(worker: WorkerService) -> CollectorRegistry:
