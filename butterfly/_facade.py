@@ -6,31 +6,36 @@ import concurrent.futures
 import functools
 import os
 from collections.abc import (
+    AsyncGenerator,
     AsyncIterator,
     Awaitable,
     Callable,
     Generator,
     Iterable,
     Iterator,
+    Mapping,
     Sequence,
 )
 from contextlib import aclosing, asynccontextmanager, closing
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import trio
 
 from ._errors import collapse
-from ._inputs import InputKind, check_timeout, from_wire, tokens_as
+from ._inputs import InputKind, apply_attention_mask, check_timeout, from_wire, tokens_as
 from ._local import LocalCluster
 from ._portal import Portal, refuse_inside_trio
 from .config import ButterflyConfig, load_config
 from .credentials import generate_secret, load_secret
 from .errors import ApiError, ButterflyError, RequestTimeout
 from .generation import check_token_ids
+from .generation.completion import Completion, TextPiece
 from .metrics import Event, MetricsSnapshot
 from .scheduling import InferenceTask, TaskStatus
 from .system import ButterflySystem
+from .text import Message, Tokenizer
 from .transport import Transport, WebsocketTransport
 from .types import ClusterInfo
 
@@ -39,6 +44,54 @@ __all__ = ["AsyncButterfly", "AsyncTaskHandle", "Butterfly", "TaskHandle"]
 T = TypeVar("T")
 
 ConfigSource = ButterflyConfig | str | os.PathLike[str] | dict[str, Any] | None
+TokenizerSource = Tokenizer | str | os.PathLike[str] | None
+
+
+def load_tokenizer(source: TokenizerSource) -> Tokenizer | None:
+    if source is None or isinstance(source, Tokenizer):
+        return source
+    if not isinstance(source, str | os.PathLike):
+        raise ApiError(
+            f"tokenizer must be a model directory (with tokenizer.json) or a Tokenizer, got {source!r}"
+        )
+    return Tokenizer.from_directory(source)
+
+
+def _model_directory_tokenizer(model: object) -> Tokenizer | None:
+    """An ``hf:DIR`` model's own tokenizer, when ``DIR`` has one."""
+    if isinstance(model, str) and model.startswith("hf:"):
+        directory = Path(model.removeprefix("hf:")).expanduser()
+        if (directory / "tokenizer.json").is_file():
+            return Tokenizer.from_directory(directory)
+    return None
+
+
+def _tokenizer_of(system: ButterflySystem, what: str) -> Tokenizer:
+    if system.tokenizer is None:
+        raise ApiError(
+            f"{what} needs the model's tokenizer: connect with tokenizer=DIR (a directory "
+            "with tokenizer.json), or pass token ids"
+        )
+    return system.tokenizer
+
+
+def _stream_prompt(system: ButterflySystem, prompt: str | Sequence[Message]) -> list[int]:
+    """The token ids of ``stream()``'s one text prompt or chat."""
+    if _is_chat(prompt):
+        return _tokenizer_of(system, "chat").encode_chat(prompt)  # type: ignore[arg-type]
+    if not isinstance(prompt, str):
+        raise ApiError("stream() takes one text prompt; generate() takes a list of them")
+    return _tokenizer_of(system, "a text prompt").encode(prompt)
+
+
+def _is_text(prompt: object) -> bool:
+    return isinstance(prompt, str) or (
+        isinstance(prompt, list) and bool(prompt) and all(isinstance(p, str) for p in prompt)
+    )
+
+
+def _is_chat(prompt: object) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(m, Mapping) for m in prompt)
 
 
 def _check_peers(peers: Iterable[str] | str, transport: Transport) -> tuple[str, ...]:
@@ -88,11 +141,15 @@ class Butterfly:
         timeout: float | None = None,
         transport: Transport | None = None,
         secret: str | bytes | None = None,
+        tokenizer: TokenizerSource = None,
     ) -> Butterfly:
         """Discover the cluster from ``peers``, place the model, and return a ready client.
 
         ``secret`` is the cluster's shared secret (default: the file ``network.secret_file``
         names, else the ``BUTTERFLY_SECRET`` environment variable, else none).
+        ``tokenizer`` (a model directory with ``tokenizer.json``, or a
+        :class:`~butterfly.text.Tokenizer`) enables text in and out: ``generate("...")``,
+        ``chat(messages)``.
 
         Raises ``NetworkError`` naming the addresses tried when no worker answers,
         ``AuthenticationError`` when none accepts this client's secret (or lack of one), and
@@ -104,7 +161,9 @@ class Butterfly:
         transport = transport or WebsocketTransport(cfg.network)
         seeds = _check_peers(peers, transport)
         check_timeout(timeout, "timeout")
-        system = ButterflySystem(seeds, config=cfg, transport=transport, secret=key)
+        system = ButterflySystem(
+            seeds, config=cfg, transport=transport, secret=key, tokenizer=load_tokenizer(tokenizer)
+        )
         portal = Portal()
         portal.start(system.run, timeout=timeout or cfg.api.connect_timeout)
         return cls(portal, system)
@@ -124,13 +183,21 @@ class Butterfly:
         ``worker_options`` are those of :class:`~butterfly._local.LocalCluster`
         (``weights``, ``threads``, ``device``). The processes stop when the client closes.
         They and this client share a random secret made for them (unless ``secret`` is
-        among ``worker_options``): nothing else on the machine can use the workers.
+        among ``worker_options``): nothing else on the machine can use the workers. An
+        ``hf:DIR`` model whose directory has ``tokenizer.json`` brings its tokenizer along.
         """
         refuse_inside_trio("Butterfly.local")
         secret = worker_options.pop("secret", None) or generate_secret()
+        tokenizer = worker_options.pop("tokenizer", None) or _model_directory_tokenizer(model)
         cluster = LocalCluster(model, workers, secret=secret, **worker_options)
         try:
-            client = cls.connect(cluster.addresses, config=config, timeout=timeout, secret=secret)
+            client = cls.connect(
+                cluster.addresses,
+                config=config,
+                timeout=timeout,
+                secret=secret,
+                tokenizer=tokenizer,
+            )
         except BaseException:
             cluster.close()
             raise
@@ -140,13 +207,21 @@ class Butterfly:
 
     local_cluster: LocalCluster | None = None
 
-    def infer(self, x: Any, *, timeout: float | None = None) -> Any:
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        """The model's tokenizer when text in and out is enabled (see :meth:`connect`)."""
+        return self._system.tokenizer
+
+    def infer(self, x: Any, *, attention_mask: Any = None, timeout: float | None = None) -> Any:
         """Run ``x`` (numpy array or torch tensor, batch first) through the model's stages.
 
         Returns the output as the same kind, dtype and device that a local forward gives.
+        ``attention_mask`` (token-id inputs: the mask a tokenizer returns) marks padding,
+        as negative ids do.
         """
         refuse_inside_trio("Butterfly.infer")
         check_timeout(timeout, "timeout")
+        x = apply_attention_mask(x, attention_mask)
         return self._portal.call(functools.partial(self._system.infer, timeout=timeout), x)
 
     def submit(self, x: Any, *, priority: int = 0, timeout: float | None = None) -> TaskHandle:
@@ -179,7 +254,7 @@ class Butterfly:
 
     def generate(
         self,
-        input_ids: Any,
+        prompt: Any,
         *,
         max_new_tokens: int,
         do_sample: bool = False,
@@ -187,14 +262,20 @@ class Butterfly:
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int | None = None,
-        stop: Iterable[int] = (),
+        stop: Any = None,
+        attention_mask: Any = None,
         timeout: float | None = None,
     ) -> Any:
-        """Generate up to ``max_new_tokens`` tokens after ``input_ids`` (``(batch, seq)`` token
-        ids; negative ids pad rows shorter than others) with a decoder model; returns
-        ``(batch, seq + n)`` token ids in the prompt's kind, the prompt as given. Greedy unless ``do_sample``; ``seed`` makes sampling
-        reproducible; rows end at a ``stop`` token (and then repeat it). ``timeout`` bounds
-        each step. Each stage keeps the session's KV cache, so a step sends one token.
+        """Generate up to ``max_new_tokens`` tokens after ``prompt`` with a decoder model.
+
+        ``prompt`` is ``(batch, seq)`` token ids (negative ids, or zeros of
+        ``attention_mask``, pad rows shorter than others): returns ``(batch, seq + n)``
+        token ids in the prompt's kind, the prompt as given. Or it is text (a ``str``, or a
+        list of them; needs the tokenizer): returns the generated text (a ``str``, or a
+        list). Greedy unless ``do_sample``; ``seed`` makes sampling reproducible. Rows end
+        at a ``stop`` token id (default: the model's EOS tokens, as ``transformers``; then
+        they repeat it) and, for text, at a ``stop`` string (not included). ``timeout``
+        bounds each step. Each stage keeps the session's KV cache, so a step sends one token.
         """
         sampling = {
             "max_new_tokens": max_new_tokens,
@@ -205,42 +286,100 @@ class Butterfly:
             "seed": seed,
             "stop": stop,
         }
-        steps, kind = self._steps(input_ids, timeout, sampling)
-        parts = [check_token_ids(input_ids), *(step[:, None] for step in steps)]
+        if _is_text(prompt):
+            return self._complete(self._encode(prompt, attention_mask), timeout, sampling, prompt)
+        steps, kind = self._steps(prompt, timeout, sampling, attention_mask)
+        parts = [check_token_ids(prompt), *(step[:, None] for step in steps)]
         return tokens_as(np.concatenate(parts, axis=1), kind)
 
+    def chat(
+        self,
+        messages: Sequence[Message],
+        *,
+        max_new_tokens: int,
+        timeout: float | None = None,
+        **sampling: Any,
+    ) -> str:
+        """The assistant's answer to ``messages`` (``[{"role": "user", "content": ...}]``),
+        the prompt made by the model's chat template; ``sampling`` as :meth:`generate`'s."""
+        ids = _tokenizer_of(self._system, "chat").encode_chat(messages)
+        sampling.update(max_new_tokens=max_new_tokens, continuation=False)
+        answer: str = self._complete([ids], timeout, sampling, "")
+        return answer
+
     def stream(
-        self, input_ids: Any, *, timeout: float | None = None, **sampling: Any
+        self, prompt: Any, *, timeout: float | None = None, **sampling: Any
     ) -> Iterator[Any]:
-        """Like :meth:`generate`, but yield each step's ``(batch,)`` tokens as they come.
+        """Like :meth:`generate`, but yield as the tokens come: each step's ``(batch,)`` token
+        ids for token ids, text pieces for a ``str`` prompt or a chat (a list of messages).
 
         Closing the iterator early ends the session (its caches are freed on the workers).
         """
-        steps, kind = self._steps(input_ids, timeout, sampling)
-        with closing(steps):
-            for step in steps:
+        attention_mask = sampling.pop("attention_mask", None)
+        if _is_text(prompt) or _is_chat(prompt):
+            ids = _stream_prompt(self._system, prompt)
+            start = functools.partial(
+                self._system.complete,
+                [ids],
+                timeout=timeout,
+                continuation=not _is_chat(prompt),
+                **sampling,
+            )
+            _, pieces = self._portal.call(_sync_to_async(start))
+            with closing(self._pull(pieces)) as texts:
+                for pieces_now in texts:
+                    yield "".join(piece.text for piece in pieces_now)
+            return
+        tokens, kind = self._steps(prompt, timeout, sampling, attention_mask)
+        with closing(tokens):
+            for step in tokens:
                 yield tokens_as(step, kind)
 
+    def _encode(self, prompt: str | list[str], attention_mask: Any) -> list[list[int]]:
+        if attention_mask is not None:
+            raise ApiError("attention_mask goes with token ids, not with text prompts")
+        tokenizer = _tokenizer_of(self._system, "a text prompt")
+        return [tokenizer.encode(p) for p in ([prompt] if isinstance(prompt, str) else prompt)]
+
+    def _complete(
+        self, prompts: list[list[int]], timeout: float | None, sampling: dict[str, Any], given: Any
+    ) -> Any:
+        """Run a text generation to its end; the text of each row (one ``str`` unless
+        ``given`` was a list)."""
+        refuse_inside_trio("Butterfly.generate")
+        start = functools.partial(self._system.complete, prompts, timeout=timeout, **sampling)
+        completion, pieces = self._portal.call(_sync_to_async(start))
+        with closing(self._pull(pieces)) as steps:
+            for _ in steps:
+                pass
+        texts = [row.text for row in completion.rows]
+        return texts if isinstance(given, list) else texts[0]
+
+    def _pull(self, items: AsyncGenerator[T, None]) -> Generator[T, None, None]:
+        """An async generator of the trio thread, pulled one blocking call at a time."""
+        try:
+            while True:
+                try:
+                    yield self._portal.call(items.__anext__)
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._portal.call(items.aclose)
+
     def _steps(
-        self, input_ids: Any, timeout: float | None, sampling: dict[str, Any]
+        self, input_ids: Any, timeout: float | None, sampling: dict[str, Any], attention_mask: Any
     ) -> tuple[Generator[np.ndarray, None, None], InputKind]:
         """Start a generation in the trio thread; its steps, pulled one call at a time."""
         refuse_inside_trio("Butterfly.generate")
-
-        start = functools.partial(self._system.stream, input_ids, timeout=timeout, **sampling)
+        start = functools.partial(
+            self._system.stream,
+            input_ids,
+            timeout=timeout,
+            attention_mask=attention_mask,
+            **sampling,
+        )
         tokens, kind = self._portal.call(_sync_to_async(start))
-
-        def steps() -> Generator[np.ndarray, None, None]:
-            try:
-                while True:
-                    try:
-                        yield self._portal.call(tokens.__anext__)
-                    except StopAsyncIteration:
-                        return
-            finally:
-                self._portal.call(tokens.aclose)
-
-        return steps(), kind
+        return self._pull(tokens), kind
 
     def cluster(self) -> ClusterInfo:
         """The workers (id, address, state) and the current placement."""
@@ -365,13 +504,17 @@ class AsyncButterfly:
         timeout: float | None = None,
         transport: Transport | None = None,
         secret: str | bytes | None = None,
+        tokenizer: TokenizerSource = None,
     ) -> AsyncIterator[AsyncButterfly]:
+        """See :meth:`Butterfly.connect`."""
         cfg = load_config(config)
         key = load_secret(secret, secret_file=cfg.network.secret_file)
         transport = transport or WebsocketTransport(cfg.network)
         seeds = _check_peers(peers, transport)
         check_timeout(timeout, "timeout")
-        system = ButterflySystem(seeds, config=cfg, transport=transport, secret=key)
+        system = ButterflySystem(
+            seeds, config=cfg, transport=transport, secret=key, tokenizer=load_tokenizer(tokenizer)
+        )
         try:
             async with trio.open_nursery() as nursery:
                 try:
@@ -390,8 +533,15 @@ class AsyncButterfly:
         except BaseExceptionGroup as group:
             raise collapse(group) from group
 
-    async def infer(self, x: Any, *, timeout: float | None = None) -> Any:
-        return await self._system.infer(x, timeout=timeout)
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self._system.tokenizer
+
+    async def infer(
+        self, x: Any, *, attention_mask: Any = None, timeout: float | None = None
+    ) -> Any:
+        """See :meth:`Butterfly.infer`."""
+        return await self._system.infer(apply_attention_mask(x, attention_mask), timeout=timeout)
 
     async def submit(
         self, x: Any, *, priority: int = 0, timeout: float | None = None
@@ -403,24 +553,78 @@ class AsyncButterfly:
         return await self._system.infer_many(xs, timeout=timeout)
 
     async def generate(
-        self, input_ids: Any, *, timeout: float | None = None, **sampling: Any
+        self,
+        prompt: Any,
+        *,
+        timeout: float | None = None,
+        attention_mask: Any = None,
+        **sampling: Any,
     ) -> Any:
         """See :meth:`Butterfly.generate`."""
-        tokens, kind = self._system.stream(input_ids, timeout=timeout, **sampling)
-        parts = [check_token_ids(input_ids)]
+        if _is_text(prompt):
+            if attention_mask is not None:
+                raise ApiError("attention_mask goes with token ids, not with text prompts")
+            tokenizer = _tokenizer_of(self._system, "a text prompt")
+            prompts = [
+                tokenizer.encode(p) for p in ([prompt] if isinstance(prompt, str) else prompt)
+            ]
+            completion, pieces = self._system.complete(prompts, timeout=timeout, **sampling)
+            async with aclosing(pieces):
+                async for _ in pieces:
+                    pass
+            texts = [row.text for row in completion.rows]
+            return texts if isinstance(prompt, list) else texts[0]
+        tokens, kind = self._system.stream(
+            prompt, timeout=timeout, attention_mask=attention_mask, **sampling
+        )
+        parts = [check_token_ids(prompt)]
         async with aclosing(tokens):
             async for step in tokens:
                 parts.append(step[:, None])
         return tokens_as(np.concatenate(parts, axis=1), kind)
 
+    async def chat(
+        self, messages: Sequence[Message], *, timeout: float | None = None, **sampling: Any
+    ) -> str:
+        """See :meth:`Butterfly.chat`."""
+        ids = _tokenizer_of(self._system, "chat").encode_chat(messages)
+        completion, pieces = self._system.complete(
+            [ids], timeout=timeout, continuation=False, **sampling
+        )
+        async with aclosing(pieces):
+            async for _ in pieces:
+                pass
+        return completion.rows[0].text
+
     async def stream(
-        self, input_ids: Any, *, timeout: float | None = None, **sampling: Any
+        self, prompt: Any, *, timeout: float | None = None, **sampling: Any
     ) -> AsyncIterator[Any]:
         """See :meth:`Butterfly.stream`."""
-        tokens, kind = self._system.stream(input_ids, timeout=timeout, **sampling)
+        attention_mask = sampling.pop("attention_mask", None)
+        if _is_text(prompt) or _is_chat(prompt):
+            ids = _stream_prompt(self._system, prompt)
+            _, pieces = self._system.complete(
+                [ids], timeout=timeout, continuation=not _is_chat(prompt), **sampling
+            )
+            async with aclosing(pieces):
+                async for now in pieces:
+                    yield "".join(piece.text for piece in now)
+            return
+        tokens, kind = self._system.stream(
+            prompt, timeout=timeout, attention_mask=attention_mask, **sampling
+        )
         async with aclosing(tokens):
             async for step in tokens:
                 yield tokens_as(step, kind)
+
+    def complete(
+        self, prompts: list[list[int]], *, timeout: float | None = None, **sampling: Any
+    ) -> tuple[Completion, AsyncGenerator[list[TextPiece], None]]:
+        """Text generation at its lowest level (what the HTTP gateway serves): each prompt's
+        token ids in; the rows (text so far, finish reasons, token counts) and an async
+        generator of what each step adds. ``sampling`` as :meth:`Butterfly.generate`'s, its
+        ``stop`` holding strings and token ids."""
+        return self._system.complete(prompts, timeout=timeout, **sampling)
 
     def cluster(self) -> ClusterInfo:
         return self._system.cluster()

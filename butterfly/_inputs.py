@@ -15,6 +15,7 @@ from .protocol.inputs import check_input as check_input
 
 __all__ = [
     "InputKind",
+    "apply_attention_mask",
     "check_input",
     "check_timeout",
     "from_wire",
@@ -80,3 +81,38 @@ def check_timeout(timeout: float | None, what: str) -> None:
         return
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
         raise ApiError(f"{what} must be a positive number of seconds or None, got {timeout!r}")
+
+
+def apply_attention_mask(ids: Any, attention_mask: Any) -> Any:
+    """``ids`` with the positions that ``attention_mask`` zeroes set to -1 (Butterfly's
+    padding), in ``ids``' own kind: the mask a Hugging Face tokenizer returns is accepted
+    wherever padded token ids are."""
+    if attention_mask is None:
+        return ids
+    if not isinstance(ids, np.ndarray | torch.Tensor):
+        raise ApiError(
+            f"input_ids must be a numpy array or torch tensor of token ids, got {type(ids).__name__}"
+        )
+    if isinstance(attention_mask, torch.Tensor):
+        mask = attention_mask.detach().to("cpu").numpy()
+    elif isinstance(attention_mask, np.ndarray):
+        mask = attention_mask
+    else:
+        raise ApiError(
+            f"attention_mask must be a numpy array or torch tensor, got {type(attention_mask).__name__}"
+        )
+    if tuple(mask.shape) != tuple(ids.shape):
+        raise ApiError(
+            f"attention_mask has shape {tuple(mask.shape)}; it must match input_ids' {tuple(ids.shape)}"
+        )
+    if mask.dtype.kind not in "biu" or not np.isin(mask, (0, 1)).all():
+        raise ApiError("attention_mask must hold only 0 (padding) and 1 (token)")
+    integer = (
+        not ids.is_floating_point() if isinstance(ids, torch.Tensor) else ids.dtype.kind in "iu"
+    )
+    if not integer:
+        raise ApiError(f"attention_mask applies to integer token ids, got dtype {ids.dtype}")
+    if isinstance(ids, torch.Tensor):
+        keep = torch.from_numpy(mask.astype(bool)).to(ids.device)
+        return torch.where(keep, ids.long(), -1)
+    return np.where(mask.astype(bool), ids.astype(np.int64, copy=False), -1)

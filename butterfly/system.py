@@ -18,16 +18,25 @@ import numpy as np
 import torch
 import trio
 
-from ._inputs import InputKind, check_input, check_timeout, from_wire, to_wire
+from ._inputs import (
+    InputKind,
+    apply_attention_mask,
+    check_input,
+    check_timeout,
+    from_wire,
+    to_wire,
+)
 from .config import ButterflyConfig
 from .coordination import CoordinationService, Response
 from .errors import ApiError
 from .generation import GenerationService, SamplingParams, check_token_ids
+from .generation.completion import Completion, TextPiece, split_stop
 from .metrics import MetricsService
 from .metrics.http import EXPOSITION_TYPE, Routes, serve_http
 from .metrics.http import Response as HttpResponse
 from .partition import PartitionService
 from .scheduling import InferenceTask, SchedulingService
+from .text import Tokenizer
 from .transport import Transport, WebsocketTransport
 from .types import ClusterInfo
 
@@ -44,8 +53,11 @@ class ButterflySystem:
         config: ButterflyConfig,
         transport: Transport | None = None,
         secret: bytes | None = None,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
         self.config = config
+        #: Text in and out (``None``: token ids only).
+        self.tokenizer = tokenizer
         self.transport = transport or WebsocketTransport(config.network)
         self.metrics = MetricsService(config.metrics)
         self.partition = PartitionService(config.partition, self.metrics)
@@ -137,12 +149,29 @@ class ButterflySystem:
                 if not task.status.final:
                     self.scheduling.cancel_task(task.task_id)
 
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """What a generation stops at unless told otherwise: the tokenizer's directory's
+        EOS tokens, else those the workers read from the model's configuration."""
+        if self.tokenizer is not None and self.tokenizer.eos_token_ids:
+            return self.tokenizer.eos_token_ids
+        return self.coordination.eos_token_ids
+
     def stream(
-        self, input_ids: Any, *, timeout: float | None = None, **sampling: Any
+        self,
+        input_ids: Any,
+        *,
+        timeout: float | None = None,
+        attention_mask: Any = None,
+        **sampling: Any,
     ) -> tuple[AsyncGenerator[np.ndarray, None], InputKind]:
         """Validate a generation request; the tokens it yields step by step, and the
-        caller's kind to return them in. ``sampling`` are :class:`SamplingParams` fields."""
-        prompt = check_token_ids(input_ids)
+        caller's kind to return them in. ``sampling`` are :class:`SamplingParams` fields;
+        ``stop=None`` (or none given) is the model's EOS tokens."""
+        prompt = check_token_ids(apply_attention_mask(input_ids, attention_mask))
+        SamplingParams.check_names(sampling)
+        if sampling.get("stop") is None:
+            sampling["stop"] = self.eos_token_ids
         params = SamplingParams.check(**sampling)
         check_timeout(timeout, "timeout")
         context = self.coordination.input_spec.max_length
@@ -160,6 +189,39 @@ class ButterflySystem:
             prompt, params, timeout=timeout or self.config.api.request_timeout
         )
         return tokens, kind
+
+    def complete(
+        self,
+        prompts: list[list[int]],
+        *,
+        timeout: float | None = None,
+        stop: Any = None,
+        continuation: bool = True,
+        **sampling: Any,
+    ) -> tuple[Completion, AsyncGenerator[list[TextPiece], None]]:
+        """Generate text after each prompt (token ids; ``self.tokenizer`` decodes the
+        answer); its rows, and what they add step by step. ``stop`` holds strings and token
+        ids, besides the model's EOS tokens; ``continuation=False`` for a chat's answer (it
+        does not continue the prompt's last word)."""
+        if self.tokenizer is None:
+            raise ApiError(
+                "text generation needs the model's tokenizer: give connect() tokenizer=DIR "
+                "(a directory with tokenizer.json), or pass token ids"
+            )
+        SamplingParams.check_names(sampling)
+        strings, ids = split_stop(stop)
+        stop_ids = frozenset((*self.eos_token_ids, *ids))
+        params = SamplingParams.check(**sampling, stop=stop_ids)  # fail before anything starts
+        completion = Completion(
+            self.tokenizer,
+            prompts,
+            max_new_tokens=params.max_new_tokens,
+            stop_strings=strings,
+            stop_ids=stop_ids,
+            continuation=continuation,
+        )
+        steps, _ = self.stream(completion.input_ids(), timeout=timeout, stop=stop_ids, **sampling)
+        return completion, completion.run(steps)
 
     def cluster(self) -> ClusterInfo:
         return self.coordination.cluster()

@@ -217,7 +217,8 @@ async def test_numpy_prompt_gives_numpy_tokens_and_stop_ends_generation(
         ),
         (torch.ones(1, 3), {}, "input_ids must hold integers, got dtype float32"),
         (torch.ones(3, dtype=torch.int64), {}, r"shape \(batch, seq\) with both ≥ 1, got \(3,\)"),
-        ("hello", {}, "input_ids must be a numpy array or torch tensor of token ids, got str"),
+        ("hello", {}, "a text prompt needs the model.s tokenizer: connect with tokenizer=DIR"),
+        ([1, 2], {}, "input_ids must be a numpy array or torch tensor of token ids, got list"),
         (
             torch.ones(1, 3, dtype=torch.int64),
             {"max_new_tokens": 0},

@@ -168,6 +168,8 @@ class CoordinationService:
         self._fingerprint = ""
         self._num_layers = 0
         self.input_spec = InputSpec()
+        #: The model's EOS tokens (what a generation stops at by default).
+        self.eos_token_ids: tuple[int, ...] = ()
         self._nursery: trio.Nursery | None = None
         #: The first placement is made: later changes of the worker set re-plan at once.
         self._serving = False
@@ -230,6 +232,7 @@ class CoordinationService:
         assert hello is not None
         self._num_layers = hello.num_layers
         self.input_spec = hello.input_spec or InputSpec()
+        self.eos_token_ids = hello.eos_token_ids
 
     # -- sessions ----------------------------------------------------------------------
 

@@ -33,6 +33,19 @@ class SamplingParams:
     stop: frozenset[int] = frozenset()
 
     @classmethod
+    def check_names(cls, sampling: dict[str, object]) -> None:
+        """``ApiError`` naming any key of ``sampling`` that is not a setting."""
+        names = {f.name for f in attrs.fields(cls)}
+        unknown = sorted(set(sampling) - names)
+        if unknown:
+            raise ApiError(
+                f"unknown generation setting(s) {', '.join(map(repr, unknown))}; expected "
+                f"some of {', '.join(sorted(names))}"
+            )
+        if "max_new_tokens" not in sampling:
+            raise ApiError("max_new_tokens is required: how many tokens to generate at most")
+
+    @classmethod
     def check(
         cls,
         *,

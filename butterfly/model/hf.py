@@ -42,6 +42,7 @@ from tqdm.auto import tqdm  # type: ignore[import-untyped,unused-ignore]
 from ..errors import ModelError
 from ..protocol import InputSpec, LayerProfile
 from .architecture import Architecture, parse_architecture
+from .eos import read_eos_token_ids
 from .fingerprint import TensorChunks, model_fingerprint, streamed_digest
 from .hf_families import FAMILIES, Family, LayerPlan
 from .info import ModelInfo
@@ -263,6 +264,7 @@ class HuggingFaceModel:
                 max_length=self._load_config()[0].max_positions,
             ),
             profiles=tuple(self._profiles(plans)) if self.profile else (),
+            eos_token_ids=read_eos_token_ids(self.directory),
         )
         self._info = info
         return info

@@ -20,3 +20,5 @@ class ModelInfo:
     input_spec: InputSpec
     #: Measured on this worker's device at start-up (see :mod:`.profile`).
     profiles: tuple[LayerProfile, ...] = ()
+    #: Token ids that end a generation by default (the model's EOS; empty: none known).
+    eos_token_ids: tuple[int, ...] = ()

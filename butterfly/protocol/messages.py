@@ -115,6 +115,8 @@ class Hello(_Struct, tag="hello", frozen=True):
     memory_available: int = 0
     #: Seconds between the heartbeats this side sends (the other side expects that pace).
     heartbeat_interval: float = 0.0
+    #: Token ids that end a generation by default (the model's EOS tokens).
+    eos_token_ids: tuple[int, ...] = ()
 
 
 class LinkReport(_Struct, frozen=True):

@@ -202,6 +202,7 @@ class WorkerService:
             layers=self.info.profiles,
             memory_available=self.memory_available,
             heartbeat_interval=self.config.coordination.heartbeat_interval,
+            eos_token_ids=self.info.eos_token_ids,
         )
 
     def _open_peer(self, conn: Connection) -> AbstractAsyncContextManager[Peer]:
