@@ -23,9 +23,11 @@ from .errors import ModelError as ModelError
 from .errors import NetworkError as NetworkError
 from .errors import PartitionError as PartitionError
 from .errors import ProtocolError as ProtocolError
+from .errors import QueueFull as QueueFull
 from .errors import RequestTimeout as RequestTimeout
 from .errors import SchedulingError as SchedulingError
 from .scheduling import TaskStatus as TaskStatus
+from .text import Tokenizer as Tokenizer
 from .types import ClusterInfo as ClusterInfo
 from .types import StageInfo as StageInfo
 from .types import WorkerInfo as WorkerInfo

@@ -33,6 +33,7 @@ from .errors import ApiError, ButterflyError, RequestTimeout
 from .generation import check_token_ids
 from .generation.completion import Completion, TextPiece
 from .metrics import Event, MetricsSnapshot
+from .protocol import InputSpec
 from .scheduling import InferenceTask, TaskStatus
 from .system import ButterflySystem
 from .text import Message, Tokenizer
@@ -536,6 +537,11 @@ class AsyncButterfly:
     @property
     def tokenizer(self) -> Tokenizer | None:
         return self._system.tokenizer
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """What the model's first layer accepts (dtype, dimensions, longest sequence)."""
+        return self._system.coordination.input_spec
 
     async def infer(
         self, x: Any, *, attention_mask: Any = None, timeout: float | None = None

@@ -31,6 +31,7 @@ __all__ = [
     "ApiConfig",
     "ButterflyConfig",
     "CoordinationConfig",
+    "GatewayConfig",
     "MetricsConfig",
     "NetworkConfig",
     "PartitionConfig",
@@ -54,6 +55,19 @@ class ApiConfig:
     connect_timeout: float = attrs.field(default=60.0, validator=_positive_seconds)
     #: Seconds ``close`` waits for in-flight requests before cancelling them.
     drain_timeout: float = attrs.field(default=10.0, validator=_non_negative_seconds)
+
+
+@attrs.frozen
+class GatewayConfig:
+    """The HTTP gateway (``python -m butterfly.api``)."""
+
+    #: Largest request body accepted; a larger one is answered 413.
+    max_body_bytes: int = attrs.field(default=64 * _MiB, validator=_positive)
+    #: The model's id in the OpenAI API (``""``: the cluster's model name, e.g. ``hf:dir``).
+    model_id: str = ""
+    #: Tasks of ``POST /v1/inference`` whose status and output stay queryable (oldest
+    #: finished ones are forgotten first).
+    tasks_kept: int = attrs.field(default=1024, validator=_positive)
 
 
 @attrs.frozen
@@ -221,6 +235,7 @@ class ButterflyConfig:
     network: NetworkConfig = attrs.field(factory=NetworkConfig)
     metrics: MetricsConfig = attrs.field(factory=MetricsConfig)
     generation: GenerationConfig = attrs.field(factory=GenerationConfig)
+    gateway: GatewayConfig = attrs.field(factory=GatewayConfig)
 
 
 _T = TypeVar("_T")

@@ -85,6 +85,10 @@ class SchedulingError(ButterflyError):
     """A request could not be queued or dispatched."""
 
 
+class QueueFull(SchedulingError):
+    """``scheduling.max_queue_size`` requests are already waiting or running: try later."""
+
+
 class ModelError(ButterflyError):
     """A model could not be imported, built or loaded."""
 
@@ -104,6 +108,7 @@ ERROR_KINDS: dict[str, type[ButterflyError]] = {
     "fingerprint": FingerprintMismatch,
     "partition": PartitionError,
     "scheduling": SchedulingError,
+    "queue_full": QueueFull,
     "model": ModelError,
     "compute": ComputeError,
     "timeout": RequestTimeout,

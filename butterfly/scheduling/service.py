@@ -32,6 +32,7 @@ from ..errors import (
     ComputeError,
     CoordinationError,
     NetworkError,
+    QueueFull,
     RequestTimeout,
     SchedulingError,
     error_kind,
@@ -173,7 +174,7 @@ class SchedulingService:
         if self.closing:
             raise ApiError("this Butterfly is closing; it accepts no new requests")
         if len(self._tasks) >= self.config.max_queue_size:
-            raise SchedulingError(
+            raise QueueFull(
                 f"queue full: {len(self._tasks)} requests are waiting or running "
                 f"(scheduling.max_queue_size = {self.config.max_queue_size})"
             )
