@@ -77,6 +77,10 @@ class Tokenizer:
             tokenizer = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
         except Exception as exc:  # the library raises bare Exceptions on bad files
             raise ModelError(f"{str(path / 'tokenizer.json')!r} could not be read: {exc}") from None
+        # Some files pad (or cut) every encoding to a fixed length: prompts are padded here
+        # with -1 where needed, and too long ones are refused with the context's length.
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
         config: dict[str, Any] = {}
         config_path = path / "tokenizer_config.json"
         if config_path.is_file():

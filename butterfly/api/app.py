@@ -332,20 +332,25 @@ class Gateway:
 
     def _decode_input(self, value: list[Any] | schemas.EncodedTensor) -> np.ndarray:
         if isinstance(value, list):
-            dtype = self.client.input_spec.dtype or None
+            expected = self.client.input_spec.dtype
             try:
-                array = np.asarray(value, dtype=dtype)
-            except (ValueError, TypeError) as exc:
+                array = np.asarray(value)
+            except ValueError as exc:
+                raise HttpError(
+                    400, "invalid_request_error", f"input must be a rectangular nested list: {exc}"
+                ) from None
+            if array.dtype.kind not in "biuf":
+                raise HttpError(400, "invalid_request_error", "input must hold only numbers")
+            if expected and np.dtype(expected).kind in "iu" and array.dtype.kind == "f":
                 raise HttpError(
                     400,
                     "invalid_request_error",
-                    f"input must be a rectangular nested list of numbers{f' ({dtype})' if dtype else ''}: {exc}",
-                ) from None
-            if array.dtype == np.float64:
-                array = array.astype(np.float32)  # JSON numbers: the models' usual dtype
-            if array.dtype.kind not in "biuf":
-                raise HttpError(400, "invalid_request_error", "input must hold numbers")
-            return array
+                    f"the model takes {expected} input (token ids), got numbers with fractions",
+                )
+            if expected:
+                return array.astype(expected)
+            # JSON numbers: float32, the models' usual dtype, unless all are integers.
+            return array.astype(np.float32) if array.dtype.kind == "f" else array
         try:
             wire = np.dtype(value.dtype).newbyteorder("<")
             data = base64.b64decode(value.data_b64, validate=True)
