@@ -26,6 +26,7 @@ from .errors import ProtocolError as ProtocolError
 from .errors import QueueFull as QueueFull
 from .errors import RequestTimeout as RequestTimeout
 from .errors import SchedulingError as SchedulingError
+from .hf_compat import AutoDistributedModelForCausalLM as AutoDistributedModelForCausalLM
 from .scheduling import TaskStatus as TaskStatus
 from .text import Tokenizer as Tokenizer
 from .types import ClusterInfo as ClusterInfo
