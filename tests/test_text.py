@@ -58,7 +58,7 @@ def test_eos_comes_from_generation_config_before_config(tmp_path: Path) -> None:
 
 
 def test_a_directory_without_tokenizer_json_is_a_model_error(tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match="has no tokenizer.json"):
+    with pytest.raises(ModelError, match=r"has no tokenizer\.json"):
         Tokenizer.from_directory(tmp_path)
 
 
