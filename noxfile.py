@@ -84,6 +84,7 @@ BENCHES = (
     "decode",
     "batching",
     "metrics",
+    "gateway",
 )
 
 
@@ -96,7 +97,8 @@ def bench(session: nox.Session) -> None:
     requests lost / duplicated / wrong under injected faults, and recovery times; memory:
     peak RSS of workers holding parts of a model larger than each one's --max-memory;
     decode: per-token latency of 2 stages vs one process; batching: concurrent generations
-    with and without continuous batching; metrics: throughput with metrics on vs off.
+    with and without continuous batching; metrics: throughput with metrics on vs off;
+    gateway: streaming chat through the HTTP gateway vs b.stream, and 32 concurrent streams.
     """
     install(session, "test")
     for name in session.posargs or BENCHES:

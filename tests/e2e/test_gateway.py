@@ -475,3 +475,25 @@ def test_the_gateway_refuses_an_unreadable_api_key_file_with_exit_code_2(tmp_pat
     )
     assert result.returncode == 2
     assert "cannot read API key file" in result.stderr
+
+
+def test_health_and_requests_are_503_once_the_only_worker_is_gone(tmp_path: Path) -> None:
+    with LocalCluster("butterfly.model.zoo:mlp", workers=1, threads=1) as cluster:
+        process = GatewayProcess(
+            cluster, tmp_path, config="[coordination]\nheartbeat_interval = 0.2\n"
+        )
+        try:
+            client = process.client()
+            x = np.zeros((1, 64)).tolist()
+            assert client.post("/v1/inference", json={"input": x, "wait": True}).status_code == 200
+            cluster.processes[0].kill()
+            deadline = time.monotonic() + 30
+            while (health := client.get("/health")).status_code != 503:
+                assert time.monotonic() < deadline, health.text
+                time.sleep(0.1)
+            assert health.json()["status"] == "unavailable" and health.json()["reason"]
+            refused = client.post("/v1/inference", json={"input": x, "wait": True})
+            assert refused.status_code == 503
+            assert refused.json()["error"]["type"] == "service_unavailable"
+        finally:
+            process.close()
