@@ -141,11 +141,17 @@ class AutoDistributedModelForCausalLM:
         peers: Iterable[str] | str,
         config: ConfigSource = None,
         secret: str | bytes | None = None,
-        **ignored: Any,
+        **unsupported: Any,
     ) -> DistributedModelForCausalLM:
         """``pretrained_model_name_or_path`` is the model's local directory (its
         ``generation_config.json`` gives ``generate``'s defaults; its tokenizer enables text
         on ``.client``); ``peers`` are the workers serving it."""
+        if unsupported:
+            raise ApiError(
+                f"from_pretrained() does not take {', '.join(sorted(unsupported))}: the workers "
+                "hold the weights (their --dtype and --device set what transformers' "
+                "torch_dtype and device_map would)"
+            )
         directory = Path(pretrained_model_name_or_path).expanduser()
         if not directory.is_dir():
             raise ApiError(

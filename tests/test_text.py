@@ -107,3 +107,12 @@ def test_stop_mixes_strings_and_token_ids() -> None:
         split_stop([""])
     with pytest.raises(ApiError, match="ints ≥ 0, got -1"):
         split_stop([-1])
+
+
+def test_from_pretrained_refuses_arguments_the_workers_decide(tmp_path: Path) -> None:
+    from butterfly import AutoDistributedModelForCausalLM
+
+    with pytest.raises(ApiError, match="does not take device_map, torch_dtype"):
+        AutoDistributedModelForCausalLM.from_pretrained(
+            tmp_path, peers=["ws://127.0.0.1:1"], torch_dtype="float16", device_map="auto"
+        )

@@ -16,7 +16,7 @@ from typing import NoReturn
 
 import trio
 
-from .._errors import collapse
+from .._errors import unwrap_groups
 from ..config import load_config
 from ..credentials import is_loopback, load_secret
 from ..errors import ButterflyError
@@ -102,14 +102,10 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"butterfly gateway ready on {url} model {gateway.model_id}", flush=True)
 
     try:
-        trio.run(run)
+        with unwrap_groups():
+            trio.run(run)
     except ButterflyError as exc:
         _fail(str(exc))
-    except BaseExceptionGroup as group:
-        error = collapse(group)
-        if isinstance(error, ButterflyError):
-            _fail(str(error))
-        raise
 
 
 if __name__ == "__main__":

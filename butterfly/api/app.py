@@ -87,8 +87,16 @@ class _Request:
         self.method: str = scope["method"]
         self.path: str = scope["path"]
         self.headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
+        #: Set once the body has been read (or refused): later messages are disconnects.
+        self.body_read = trio.Event()
 
     async def body(self) -> bytes:
+        try:
+            return await self._read_body()
+        finally:
+            self.body_read.set()
+
+    async def _read_body(self) -> bytes:
         declared = self.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             raise HttpError(413, "invalid_request_error", self._too_large(int(declared)))
@@ -194,21 +202,11 @@ class Gateway:
 
             async def watch_disconnect() -> None:
                 # Only after the handler has read the body: then receive() means disconnect.
-                await body_read.wait()
+                await request.body_read.wait()
                 while (await receive())["type"] != "http.disconnect":
                     pass
                 nursery.cancel_scope.cancel()
 
-            body_read = trio.Event()
-            original = request.body
-
-            async def body() -> bytes:
-                try:
-                    return await original()
-                finally:
-                    body_read.set()
-
-            request.body = body  # type: ignore[method-assign]
             nursery.start_soon(watch_disconnect)
             await self._respond(request, send)
             nursery.cancel_scope.cancel()
@@ -430,7 +428,7 @@ class Gateway:
 
     def _sampling(
         self,
-        body: schemas.CompletionRequest | schemas.ChatRequest,
+        body: schemas.GenerationRequest,
         prompt_length: int,
         max_tokens: int | None,
     ) -> dict[str, Any]:

@@ -18,6 +18,7 @@ __all__ = [
     "CompletionRequest",
     "EmbeddingRequest",
     "EncodedTensor",
+    "GenerationRequest",
     "InferenceRequest",
     "StreamOptions",
 ]
@@ -55,13 +56,11 @@ class StreamOptions(msgspec.Struct):
     include_usage: bool = False
 
 
-class CompletionRequest(msgspec.Struct):
-    """``POST /v1/completions`` (OpenAI's legacy text completion)."""
+class GenerationRequest(msgspec.Struct, kw_only=True):
+    """The settings completions and chat share (how the next token is chosen, how the
+    answer comes)."""
 
     model: str
-    #: Text, texts, token ids, or lists of token ids.
-    prompt: Prompt
-    max_tokens: Tokens | None = 16
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     #: Not OpenAI's, as vLLM and llama.cpp's server offer it (0: all tokens).
@@ -71,6 +70,14 @@ class CompletionRequest(msgspec.Struct):
     stream_options: StreamOptions | None = None
     stop: Stop = None
     seed: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+
+class CompletionRequest(GenerationRequest, kw_only=True):
+    """``POST /v1/completions`` (OpenAI's legacy text completion)."""
+
+    #: Text, texts, token ids, or lists of token ids.
+    prompt: Prompt
+    max_tokens: Tokens | None = 16
     echo: bool = False
 
 
@@ -80,23 +87,14 @@ class ChatMessage(msgspec.Struct):
     content: str | list[dict[str, Any]] | None = None
 
 
-class ChatRequest(msgspec.Struct):
+class ChatRequest(GenerationRequest, kw_only=True):
     """``POST /v1/chat/completions``: the model's chat template makes the prompt."""
 
-    model: str
     messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
     #: Default: as many as the model's context leaves.
     max_tokens: Tokens | None = None
     #: OpenAI's newer name for ``max_tokens``.
     max_completion_tokens: Tokens | None = None
-    temperature: Temperature = 1.0
-    top_p: TopP = 1.0
-    top_k: Annotated[int, msgspec.Meta(ge=0)] = 0
-    n: Count = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: Stop = None
-    seed: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
 
 class EmbeddingRequest(msgspec.Struct):

@@ -20,6 +20,7 @@ import attrs
 import torch
 import trio
 
+from .._errors import unwrap_groups
 from ..config import ButterflyConfig, load_config
 from ..credentials import is_loopback, load_secret
 from ..errors import ButterflyError
@@ -254,16 +255,10 @@ def main(argv: list[str] | None = None) -> None:
         secret=secret,
     )
     try:
-        trio.run(_serve, worker, metrics_at)
+        with unwrap_groups():
+            trio.run(_serve, worker, metrics_at)
     except ButterflyError as exc:
         _fail(str(exc))
-    except BaseExceptionGroup as group:
-        from .._errors import collapse
-
-        error = collapse(group)
-        if isinstance(error, ButterflyError):
-            _fail(str(error))
-        raise
 
 
 async def _serve(worker: WorkerService, metrics_at: tuple[str, int] | None) -> None:
