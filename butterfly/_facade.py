@@ -33,6 +33,7 @@ from .errors import ApiError, ButterflyError, RequestTimeout
 from .generation import check_token_ids
 from .generation.completion import Completion, TextPiece
 from .metrics import Event, MetricsSnapshot
+from .model.gguf_file import GGUFFile
 from .protocol import InputSpec
 from .scheduling import InferenceTask, TaskStatus
 from .system import ButterflySystem
@@ -53,17 +54,23 @@ def load_tokenizer(source: TokenizerSource) -> Tokenizer | None:
         return source
     if not isinstance(source, str | os.PathLike):
         raise ApiError(
-            f"tokenizer must be a model directory (with tokenizer.json) or a Tokenizer, got {source!r}"
+            "tokenizer must be a model directory (with tokenizer.json), a .gguf file or a "
+            f"Tokenizer, got {source!r}"
         )
-    return Tokenizer.from_directory(source)
+    return Tokenizer.load(source)
 
 
 def _model_directory_tokenizer(model: object) -> Tokenizer | None:
-    """An ``hf:DIR`` model's own tokenizer, when ``DIR`` has one."""
+    """An ``hf:DIR`` model's own tokenizer, when ``DIR`` has one; a ``gguf:FILE`` model's,
+    when the file carries one."""
     if isinstance(model, str) and model.startswith("hf:"):
         directory = Path(model.removeprefix("hf:")).expanduser()
         if (directory / "tokenizer.json").is_file():
             return Tokenizer.from_directory(directory)
+    if isinstance(model, str) and model.startswith("gguf:"):
+        file = Path(model.removeprefix("gguf:")).expanduser()
+        if file.is_file() and GGUFFile(file).has("tokenizer.ggml.model"):
+            return Tokenizer.from_gguf(file)
     return None
 
 

@@ -63,6 +63,37 @@ class Tokenizer:
         self._template: Any = None
 
     @classmethod
+    def load(cls, source: str | os.PathLike[str]) -> Tokenizer:
+        """The tokenizer of a model directory, of a ``.gguf`` file, or of an ``hf:`` or
+        ``gguf:`` model name."""
+        text = os.fspath(source)
+        for prefix in ("hf:", "gguf:"):
+            text = text.removeprefix(prefix)
+        path = Path(text).expanduser()
+        if path.is_file():
+            return cls.from_gguf(path)
+        return cls.from_directory(path)
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        """The tokenizer inside a GGUF file (``tokenizer.ggml.*``, see
+        :mod:`butterfly.model.gguf_tokenizer`); ``ModelError`` when it has none or one of a
+        kind that is not supported."""
+        from .model.gguf_file import GGUFFile
+        from .model.gguf_tokenizer import build_gguf_tokenizer
+
+        file = GGUFFile(Path(path))
+        tokenizer, special = build_gguf_tokenizer(file)
+        template = file.value("tokenizer.chat_template", None)
+        return cls(
+            tokenizer,
+            chat_template=template if isinstance(template, str) else None,
+            special_tokens=special,
+            eos_token_ids=file.eos_token_ids(),
+            name=file.path.name,
+        )
+
+    @classmethod
     def from_directory(cls, directory: str | os.PathLike[str]) -> Tokenizer:
         """Load ``directory``'s tokenizer; ``ModelError`` when it has no ``tokenizer.json``."""
         import tokenizers

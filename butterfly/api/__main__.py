@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tokenizer",
         metavar="DIR",
-        help="the model's directory with tokenizer.json (text prompts and chat need it)",
+        help="the model's directory with tokenizer.json, or its .gguf file (text prompts "
+        "and chat need it)",
     )
     p.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
     return p
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.tokenizer:
             from ..text import Tokenizer
 
-            tokenizer = Tokenizer.from_directory(args.tokenizer)
+            tokenizer = Tokenizer.load(args.tokenizer)
         else:
             tokenizer = None
     except ButterflyError as exc:

@@ -9,8 +9,9 @@ import torch
 
 __all__ = ["TensorChunks", "layer_digest", "model_fingerprint", "streamed_digest"]
 
-#: One tensor as a digest sees it: name, dtype, shape, and its bytes in row blocks.
-TensorChunks = tuple[str, torch.dtype, tuple[int, ...], Iterable[torch.Tensor]]
+#: One tensor as a digest sees it: name, dtype (or a stored type's name, ``Q4_1``), shape,
+#: and its bytes in row blocks.
+TensorChunks = tuple[str, torch.dtype | str, tuple[int, ...], Iterable[torch.Tensor]]
 
 
 def layer_digest(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:

@@ -27,12 +27,13 @@ estimate, never by running the model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import torch
@@ -67,6 +68,18 @@ _PROVENANCE_KEYS = ("_name_or_path", "transformers_version")
 #: FLOP rate assumed when the device cannot be measured: what ``profile.py`` assumes
 #: (2 FLOPs per parameter in ANALYTIC_MS_PER_PARAM ms), 1 GFLOP/s.
 _FALLBACK_FLOPS_PER_MS = 2 / ANALYTIC_MS_PER_PARAM
+
+
+class Checkpoint(Protocol):
+    """Where a model's tensors are: safetensors files, or a GGUF file."""
+
+    @property
+    def stored(self) -> Mapping[str, Any]:
+        """Checkpoint key → the stored tensor (its ``shape`` is read)."""
+
+    def reading(self) -> contextlib.AbstractContextManager[Any]: ...
+
+    def statistics(self) -> CheckpointStatistics: ...
 
 
 def _layer_digest(entries: Iterable[TensorChunks], config: bytes) -> str:
@@ -112,23 +125,24 @@ class HuggingFaceModel:
     _config: Architecture | None = attrs.field(init=False, default=None)
     _config_bytes: bytes = attrs.field(init=False, default=b"")
     _family: Family | None = attrs.field(init=False, default=None)
-    _checkpoint: SafetensorsFiles | None = attrs.field(init=False, default=None)
+    _checkpoint: Checkpoint | None = attrs.field(init=False, default=None)
     _info: ModelInfo | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
-        self.directory = parse_hf_name(self.name)
+        self.directory = self._locate()
         if self.dtype not in SUPPORTED_DTYPES.values():
             raise ModelError(
                 f"model {self.name!r}: dtype {self.dtype} is not supported; "
                 f"expected one of {', '.join(SUPPORTED_DTYPES)}"
             )
 
-    # -- configuration -----------------------------------------------------------------
+    # -- where the configuration and the tensors come from (GGUFModel overrides these) --
 
-    def _load_config(self) -> tuple[Architecture, Family]:
-        """What ``config.json`` says the model computes, and its family."""
-        if self._config is not None and self._family is not None:
-            return self._config, self._family
+    def _locate(self) -> Path:
+        return parse_hf_name(self.name)
+
+    def _raw_config(self) -> dict[str, Any]:
+        """``config.json``, parsed."""
         path = self.directory / "config.json"
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
@@ -136,14 +150,48 @@ class HuggingFaceModel:
             raise ModelError(f"cannot read {str(path)!r}: {exc}") from exc
         if not isinstance(raw, dict):
             raise ModelError(f"{str(path)!r} is not a JSON object")
+        return raw
+
+    def _open_checkpoint(self) -> Checkpoint:
+        return SafetensorsFiles(self.directory)
+
+    def _where(self) -> str:
+        """The tensors' place, in errors."""
+        return f"the safetensors files in {str(self.directory)!r}"
+
+    def _digest_entry(self, reader: Any, name: str, key: str, meta: torch.Tensor) -> TensorChunks:
+        """What the fingerprint hashes of one tensor: its values in the configured dtype."""
+        dtype = self.dtype if meta.is_floating_point() else meta.dtype
+        shape = self._reader_source().stored[key].shape
+        return (name, dtype, shape, reader.chunks(key, dtype, DIGEST_CHUNK_BYTES))
+
+    def _loaded_entry(self, reader: Any, name: str, key: str, tensor: torch.Tensor) -> TensorChunks:
+        """The same for a tensor ``build_layers`` loaded, to check it against the fingerprint."""
+        return (name, tensor.dtype, tuple(tensor.shape), (tensor,))
+
+    def _display_name(self) -> str:
+        # The directory's name, not its path: workers on different hosts keep the model
+        # in different places; the fingerprint is what proves they hold the same weights.
+        return f"hf:{self.directory.name}"
+
+    def _eos_token_ids(self) -> tuple[int, ...]:
+        return read_eos_token_ids(self.directory)
+
+    # -- configuration -----------------------------------------------------------------
+
+    def _load_config(self) -> tuple[Architecture, Family]:
+        """What ``config.json`` says the model computes, and its family."""
+        if self._config is not None and self._family is not None:
+            return self._config, self._family
+        raw = self._raw_config()
         model_type = raw.get("model_type")
         family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
         if family is None:
             raise ModelError(
-                f"model {self.name!r} has model_type {model_type!r} in config.json; "
+                f"model {self.name!r} has model_type {model_type!r}; "
                 f"supported: {', '.join(sorted(FAMILIES))}"
             )
-        arch = parse_architecture(raw, f"model {self.name!r}: config.json")
+        arch = parse_architecture(raw, f"model {self.name!r}")
         if family.encoder:
             self._check_pooling()
         canonical = {k: v for k, v in raw.items() if k not in _PROVENANCE_KEYS}
@@ -180,9 +228,9 @@ class HuggingFaceModel:
                 "Normalize is supported"
             )
 
-    def _reader_source(self) -> SafetensorsFiles:
+    def _reader_source(self) -> Checkpoint:
         if self._checkpoint is None:
-            self._checkpoint = SafetensorsFiles(self.directory)
+            self._checkpoint = self._open_checkpoint()
         return self._checkpoint
 
     def statistics(self) -> CheckpointStatistics:
@@ -214,14 +262,14 @@ class HuggingFaceModel:
             found = next((c for c in candidates if c in checkpoint.stored), None)
             if found is None:
                 raise ModelError(
-                    f"model {self.name!r}: the safetensors files in {str(self.directory)!r} have no "
+                    f"model {self.name!r}: {self._where()} have no "
                     f"tensor {model_key!r} (tried {', '.join(repr(c) for c in candidates)})"
                 )
             expected = tuple(state[name].shape)
             if checkpoint.stored[found].shape != expected:
                 raise ModelError(
                     f"model {self.name!r}: tensor {found!r} has shape {checkpoint.stored[found].shape}, "
-                    f"but config.json makes it {expected}"
+                    f"but the configuration makes it {expected}"
                 )
             keys[name] = found
         return keys
@@ -241,19 +289,12 @@ class HuggingFaceModel:
                 keys = self._checkpoint_keys(plan)
                 state = plan.layer.state_dict(keep_vars=True)
                 entries = (
-                    (
-                        name,
-                        self.dtype if state[name].is_floating_point() else state[name].dtype,
-                        checkpoint.stored[keys[name]].shape,
-                        reader.chunks(keys[name], self.dtype, DIGEST_CHUNK_BYTES),
-                    )
+                    self._digest_entry(reader, name, keys[name], state[name])
                     for name in sorted(keys)
                 )
                 digests.append(_layer_digest(entries, self._config_bytes))
         info = ModelInfo(
-            # The directory's name, not its path: workers on different hosts keep the model
-            # in different places; the fingerprint is what proves they hold the same weights.
-            name=f"hf:{self.directory.name}",
+            name=self._display_name(),
             num_layers=len(plans),
             fingerprint=model_fingerprint(digests),
             layer_digests=tuple(digests),
@@ -264,7 +305,7 @@ class HuggingFaceModel:
                 max_length=self._load_config()[0].max_positions,
             ),
             profiles=tuple(self._profiles(plans)) if self.profile else (),
-            eos_token_ids=read_eos_token_ids(self.directory),
+            eos_token_ids=self._eos_token_ids(),
         )
         self._info = info
         return info
@@ -336,13 +377,12 @@ class HuggingFaceModel:
                     f"model {self.name!r}: layer {i} has tensors that were not loaded: {meta}"
                 )
             state = plan.layer.state_dict()
-            entries = (
-                (n, state[n].dtype, tuple(state[n].shape), (state[n],)) for n in sorted(state)
-            )
+            keys = self._checkpoint_keys(plan)
+            entries = (self._loaded_entry(reader, n, keys[n], state[n]) for n in sorted(state))
             if _layer_digest(entries, self._config_bytes) != info.layer_digests[i]:
                 raise ModelError(
                     f"model {self.name!r}: layer {i} differs from the one fingerprinted at start-up; "
-                    f"were the files in {str(self.directory)!r} changed? Restart the worker."
+                    f"were {self._where()} changed? Restart the worker."
                 )
         layers = nn.Sequential(*(plan.layer for plan in selected))
         layers.requires_grad_(False)

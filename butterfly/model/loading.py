@@ -6,7 +6,7 @@ deterministic (seed its RNG): every worker builds its own copy, and the fingerpr
 computed at start-up prove that they are the same.
 
 A model named ``hf:/path/to/dir`` is a Hugging Face model directory instead, loaded by
-:mod:`.hf`.
+:mod:`.hf`, and ``gguf:/path/model.gguf`` a GGUF file, loaded by :mod:`.gguf`.
 """
 
 from __future__ import annotations
@@ -65,30 +65,33 @@ class ModelSource:
     device: torch.device = attrs.field(factory=lambda: torch.device("cpu"))
     #: Measure every layer at start-up (for the planner).
     profile: bool = True
-    #: Element type of the weights of ``hf:`` models (float32 when ``None``).
+    #: Element type of the weights of ``hf:`` and ``gguf:`` models (float32 when ``None``).
     dtype: torch.dtype | None = None
     _factory: Callable[[], nn.Module] | None = None
     _info: ModelInfo | None = None
     _hf: HuggingFaceModel | None = None
 
     def _hf_model(self) -> HuggingFaceModel | None:
-        """The adapter of an ``hf:`` model (see :mod:`.hf`); ``None`` for an import path."""
-        if self._hf is None and self.name.startswith("hf:"):
+        """The adapter of an ``hf:`` or ``gguf:`` model (see :mod:`.hf`, :mod:`.gguf`);
+        ``None`` for an import path."""
+        if self._hf is None and self.name.startswith(("hf:", "gguf:")):
+            from .gguf import GGUFModel
             from .hf import HuggingFaceModel
 
             if self.weights is not None:
                 raise ModelError(
-                    f"model {self.name!r} reads its weights from its own directory; "
+                    f"model {self.name!r} reads its weights from its own files; "
                     f"drop weights={str(self.weights)!r}"
                 )
-            self._hf = HuggingFaceModel(
+            kind = GGUFModel if self.name.startswith("gguf:") else HuggingFaceModel
+            self._hf = kind(
                 self.name,
                 dtype=self.dtype or torch.float32,
                 device=self.device,
                 profile=self.profile,
             )
         elif self._hf is None and self.dtype is not None:
-            raise ModelError(f"model {self.name!r}: a dtype applies to hf: models only")
+            raise ModelError(f"model {self.name!r}: a dtype applies to hf: and gguf: models only")
         return self._hf
 
     def _build_full(self) -> nn.Sequential:

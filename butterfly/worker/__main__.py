@@ -60,11 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         required=True,
-        metavar="IMPORT_PATH|hf:DIR",
+        metavar="IMPORT_PATH|hf:DIR|gguf:FILE",
         help="'package.module:callable' returning a torch.nn.Sequential; without --weights it "
         "must be deterministic (seed its RNG) so that every worker builds the same weights. "
         "Or 'hf:/path/to/dir': a Hugging Face model directory (config.json and "
-        "*.safetensors, as save_pretrained writes it; GPT-2, Llama, BERT), read offline",
+        "*.safetensors, as save_pretrained writes it; GPT-2, Llama, BERT), read offline. "
+        "Or 'gguf:/path/model.gguf': a llama.cpp GGUF file of a Llama (F32, F16, BF16, "
+        "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and K-quants); each worker dequantises only its layers",
     )
     p.add_argument(
         "--peers",
@@ -82,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype",
         choices=("float32", "float16", "bfloat16"),
-        help="element type of the weights of an hf: model (default float32)",
+        help="element type of the weights of an hf: or gguf: model (default float32)",
     )
     p.add_argument(
         "--device", default="cpu", help="torch device for the stages: cpu, cuda or cuda:N"
@@ -233,8 +235,15 @@ def main(argv: list[str] | None = None) -> None:
         if args.weights is not None:
             _fail("--weights does not apply to an hf: model; it reads its own directory", 2)
         dtype = getattr(torch, args.dtype or "float32")
+    elif args.model.startswith("gguf:"):
+        file = Path(args.model[len("gguf:") :]).expanduser()
+        if not file.is_file():
+            _fail(f"--model {args.model!r}: {str(file)!r} is not a file", 2)
+        if args.weights is not None:
+            _fail("--weights does not apply to a gguf: model; it reads its own file", 2)
+        dtype = getattr(torch, args.dtype or "float32")
     elif args.dtype is not None:
-        _fail("--dtype applies to hf: models only", 2)
+        _fail("--dtype applies to hf: and gguf: models only", 2)
     if args.weights is not None and not args.weights.is_file():
         _fail(f"--weights {str(args.weights)!r} is not a file", 2)
     try:
