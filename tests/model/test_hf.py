@@ -367,9 +367,7 @@ def test_a_directory_without_config(tmp_path: Path) -> None:
 
 def test_an_unknown_model_type(tmp_path: Path) -> None:
     _bare(tmp_path, model_type="t5")
-    with pytest.raises(
-        ModelError, match=r"model_type .t5.; supported: bert, gpt2, llama"
-    ):
+    with pytest.raises(ModelError, match=r"model_type .t5.; supported: bert, gpt2, llama"):
         ModelSource(f"hf:{tmp_path}").describe()
 
 
