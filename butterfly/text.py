@@ -20,12 +20,15 @@ import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from .errors import ApiError, ModelError
 from .model.eos import read_eos_token_ids
+
+if TYPE_CHECKING:
+    from .model.gguf_file import GGUFFile
 
 __all__ = ["Message", "TextStream", "Tokenizer"]
 
@@ -80,9 +83,14 @@ class Tokenizer:
         :mod:`butterfly.model.gguf_tokenizer`); ``ModelError`` when it has none or one of a
         kind that is not supported."""
         from .model.gguf_file import GGUFFile
+
+        return cls.from_gguf_file(GGUFFile(Path(path), vocabulary=True))
+
+    @classmethod
+    def from_gguf_file(cls, file: GGUFFile) -> Tokenizer:
+        """:meth:`from_gguf` of a file already opened with ``vocabulary=True``."""
         from .model.gguf_tokenizer import build_gguf_tokenizer
 
-        file = GGUFFile(Path(path))
         tokenizer, special = build_gguf_tokenizer(file)
         template = file.value("tokenizer.chat_template", None)
         return cls(
@@ -297,7 +305,17 @@ class TextStream:
         return out
 
     def flush(self) -> str:
-        """At the end: what was held back for a stop string that never came."""
-        out, self._pending = ("" if self.finished else self._pending), ""
-        self.text += out
-        return out
+        """At the end: what was held back, for a stop string that never came or for a
+        character that never completed (decoded as ``transformers`` decodes it, with
+        U+FFFD for the incomplete bytes)."""
+        if self.finished:
+            self._pending = ""
+            return ""
+        before = self.tokenizer.decode(self._ids[self._prefix : self._read])
+        after = self.tokenizer.decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        tail = self._pending + (after[len(before) :] if len(after) > len(before) else "")
+        out = self._release(tail)
+        held, self._pending = self._pending, ""
+        self.text += held
+        return out + held

