@@ -163,6 +163,7 @@ class PeerChannel:
             position=0,
             keep=(),
             trace=(),
+            report=False,
             tensor=array_to_wire(array),
         )
         await self.peer.send(message)

@@ -15,6 +15,7 @@ from .config import load_config as load_config
 from .errors import ApiError as ApiError
 from .errors import AuthenticationError as AuthenticationError
 from .errors import ButterflyError as ButterflyError
+from .errors import ByzantineError as ByzantineError
 from .errors import ComputeError as ComputeError
 from .errors import ConfigError as ConfigError
 from .errors import CoordinationError as CoordinationError

@@ -394,6 +394,11 @@ class Butterfly:
         """The workers (id, address, state) and the current placement."""
         return self._portal.call(_sync_to_async(self._system.cluster))
 
+    def release(self, node_id: str) -> None:
+        """Let a quarantined worker (one caught contradicting its replicas' quorum under
+        ``coordination.verification``) be placed again; ``ApiError`` if it is not quarantined."""
+        self._portal.call(_sync_to_async(lambda: self._system.coordination.release(node_id)))
+
     def metrics(self) -> MetricsSnapshot:
         """A snapshot of the coordinator's metrics (request counts, latency percentiles,
         where the time went per stage and link)."""
@@ -642,6 +647,10 @@ class AsyncButterfly:
 
     def cluster(self) -> ClusterInfo:
         return self._system.cluster()
+
+    def release(self, node_id: str) -> None:
+        """See :meth:`Butterfly.release`."""
+        self._system.coordination.release(node_id)
 
     def metrics(self) -> MetricsSnapshot:
         return self._system.metrics.snapshot()

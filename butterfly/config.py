@@ -130,6 +130,22 @@ class CoordinationConfig:
     #: of at the input. Costs one extra activation transfer per interval and, on the
     #: coordinator, one activation held per running request. 0 disables checkpoints.
     checkpoint_interval: float = attrs.field(default=10.0, validator=_non_negative_seconds)
+    #: Byzantine workers (see docs/verification.md): ``off`` trusts every worker;
+    #: ``replicate`` runs each stage on ``2 * max_byzantine + 1`` workers and accepts an
+    #: output that ``max_byzantine + 1`` of them agree on; ``spot_check`` runs one and
+    #: re-executes a fraction ``spot_check_rate`` of requests on other workers.
+    verification: str = attrs.field(
+        default="off", validator=v.in_(["off", "replicate", "spot_check"])
+    )
+    #: Lying workers tolerated at once (f).
+    max_byzantine: int = attrs.field(default=1, validator=[v.ge(1), v.le(16)])
+    #: ``exact``: replicas agree bit for bit (same kernels and thread counts);
+    #: ``tolerance``: their outputs' proofs agree within the documented thresholds.
+    agreement: str = attrs.field(default="tolerance", validator=v.in_(["exact", "tolerance"]))
+    #: Fraction of requests (and generation sessions) that ``spot_check`` verifies.
+    spot_check_rate: float = attrs.field(default=0.1, validator=[v.gt(0.0), v.le(1.0)])
+    #: Largest magnitudes a tolerance proof keeps.
+    proof_top_k: int = attrs.field(default=128, validator=[v.ge(8), v.le(256)])
 
 
 @attrs.frozen

@@ -28,6 +28,7 @@ __all__ = [
     "ApiError",
     "AuthenticationError",
     "ButterflyError",
+    "ByzantineError",
     "ComputeError",
     "ConfigError",
     "CoordinationError",
@@ -73,6 +74,11 @@ class CoordinationError(ButterflyError):
     """The cluster cannot be brought into a consistent state."""
 
 
+class ByzantineError(CoordinationError):
+    """Not enough replicas of a stage agreed on its output: the request is refused rather
+    than answered with an output no quorum vouches for."""
+
+
 class FingerprintMismatch(CoordinationError):
     """Workers serve different weights for the same model and cannot be combined."""
 
@@ -106,6 +112,7 @@ ERROR_KINDS: dict[str, type[ButterflyError]] = {
     "authentication": AuthenticationError,
     "coordination": CoordinationError,
     "fingerprint": FingerprintMismatch,
+    "byzantine": ByzantineError,
     "partition": PartitionError,
     "scheduling": SchedulingError,
     "queue_full": QueueFull,

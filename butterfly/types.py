@@ -119,6 +119,8 @@ class WorkerState(enum.StrEnum):
     READY = "ready"
     FAILED = "failed"
     REFUSED = "refused"  # reachable, but serves other weights than the cluster
+    #: Caught contradicting an accepted quorum: never placed until ``release(node_id)``.
+    QUARANTINED = "quarantined"
 
 
 @attrs.frozen
@@ -160,6 +162,9 @@ class ClusterInfo:
     #: Links between workers as the receiving worker measured them: (sender, receiver, link).
     #: The placement used these; pairs not measured yet were estimated.
     worker_links: tuple[tuple[NodeId, NodeId, Link], ...] = ()
+    #: Further holders of stages (``coordination.verification``): verified requests run
+    #: each stage on its worker in ``stages`` and on these.
+    replicas: tuple[StageInfo, ...] = ()
 
     def __str__(self) -> str:
         lines = [
@@ -167,11 +172,15 @@ class ClusterInfo:
         ]
         for w in self.workers:
             note = " (idle: the pipeline is faster without it)" if w.node_id in self.idle else ""
+            if w.state == WorkerState.QUARANTINED:
+                note = f" ({w.reason})"
             lines.append(f"  worker {w.node_id} {w.address} {w.state}{note}")
-        lines += [
-            f"  stage {s.index}: layers {s.layers.start}..{s.layers.stop - 1} on {s.node_id}"
-            for s in self.stages
-        ]
+        for s in self.stages:
+            replicas = [r.node_id for r in self.replicas if r.index == s.index]
+            also = f" (replicas {', '.join(replicas)})" if replicas else ""
+            lines.append(
+                f"  stage {s.index}: layers {s.layers.start}..{s.layers.stop - 1} on {s.node_id}{also}"
+            )
         for a, b, link in self.worker_links:
             lines.append(
                 f"  link {a} -> {b}: {link.bandwidth_bytes_per_s / 1e6:.0f} MB/s, "

@@ -58,7 +58,7 @@ async def test_an_activation_naming_another_coordinator_closes_the_connection(
             await peer.send(
                 Activation(
                     request_id=1, epoch=0, stage=0, origin="alice", layer=0, compute_s=0.0,
-                    session=0, position=0, keep=(), trace=(),
+                    session=0, position=0, keep=(), trace=(), report=False,
                     tensor=array_to_wire(np.zeros((1, 64), dtype=np.float32)),
                 )
             )  # fmt: skip

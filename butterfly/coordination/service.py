@@ -18,17 +18,20 @@ import uuid
 from collections.abc import Iterator
 
 import attrs
+import msgspec
 import trio
 
 from .._errors import unwrap_groups
-from ..config import ButterflyConfig
+from ..config import ButterflyConfig, CoordinationConfig
 from ..errors import (
     ERROR_KINDS,
+    ApiError,
     AuthenticationError,
     ButterflyError,
     CoordinationError,
     FingerprintMismatch,
     NetworkError,
+    PartitionError,
 )
 from ..metrics import MetricsSink
 from ..metrics.events import (
@@ -40,6 +43,7 @@ from ..metrics.events import (
     NodeFailure,
     PhaseTransition,
     PlacementChanged,
+    WorkerQuarantined,
     WorkerStateChanged,
 )
 from ..partition import PartitionService, Plan
@@ -56,6 +60,7 @@ from ..protocol import (
     Message,
     Probe,
     Result,
+    StageOutput,
     StageSpec,
 )
 from ..transport import Peer, Transport, dial_peer
@@ -74,7 +79,7 @@ from .detector import PhiAccrualDetector
 from .liveness import measure_link, new_detector, watch_link
 from .phases import Phase, PhaseTracker
 
-__all__ = ["CoordinationService", "Placement", "WorkerLost"]
+__all__ = ["CoordinationService", "Placement", "Reported", "WorkerLost", "replica_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +96,16 @@ class WorkerLost:
     reason: str
 
 
+@attrs.frozen
+class Reported:
+    """A request's message from worker ``node_id``: the sender matters when replicas vote."""
+
+    node_id: str
+    message: StageOutput | Error
+
+
 #: What the scheduler receives from the coordination service.
-Response = Result | Error | Checkpoint | WorkerLost
+Response = Result | Reported | Checkpoint | WorkerLost
 
 
 @attrs.frozen
@@ -101,10 +114,16 @@ class Placement:
     stages: tuple[StageSpec, ...]
     #: The ready workers the plan was made for; idle ones included.
     planned_over: frozenset[str] = frozenset()
+    #: Further holders of stages, which verified requests also run on.
+    replicas: tuple[StageSpec, ...] = ()
 
     @property
     def nodes(self) -> frozenset[str]:
-        return frozenset(s.node_id for s in self.stages)
+        return frozenset(s.node_id for s in (*self.stages, *self.replicas))
+
+    def holders(self, index: int) -> list[str]:
+        """The workers holding stage ``index``: its first holder, then its replicas."""
+        return [self.stages[index].node_id] + [r.node_id for r in self.replicas if r.index == index]
 
 
 @attrs.define(eq=False)
@@ -173,6 +192,8 @@ class CoordinationService:
         self._nursery: trio.Nursery | None = None
         #: The first placement is made: later changes of the worker set re-plan at once.
         self._serving = False
+        #: Workers caught lying, by node id, with the evidence: never placed until released.
+        self.quarantined: dict[str, str] = {}
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -237,6 +258,10 @@ class CoordinationService:
     # -- sessions ----------------------------------------------------------------------
 
     def _set_state(self, worker: _Worker, state: WorkerState, reason: str = "") -> None:
+        if state in (WorkerState.READY, WorkerState.QUARANTINED) and (
+            worker.node_id in self.quarantined
+        ):
+            state, reason = WorkerState.QUARANTINED, self.quarantined[worker.node_id]
         worker.state = state
         worker.reason = reason
         if worker.node_id:
@@ -275,7 +300,7 @@ class CoordinationService:
             finally:
                 worker.peer = None
                 worker.first_attempt.set()
-            lost = worker.state is WorkerState.READY
+            lost = worker.state in (WorkerState.READY, WorkerState.QUARANTINED)
             if worker.state is not WorkerState.REFUSED:
                 self._set_state(worker, WorkerState.FAILED, reason)
             if lost:
@@ -401,14 +426,17 @@ class CoordinationService:
                     worker.assign_error = text
                     for event in worker.assigned.values():
                         event.set()
-                case Result() | Error() | Checkpoint():
+                case Result() | Error() | Checkpoint() | StageOutput():
                     nbytes = _tensor_bytes(message)
                     self.metrics.emit(
                         MessageReceived(worker.node_id, type(message).__name__, nbytes)
                     )
                     if nbytes:
                         self.metrics.emit(BytesTransferred(worker.node_id, "in", nbytes))
-                    await self.responses.send(message)
+                    if isinstance(message, Error | StageOutput):
+                        await self.responses.send(Reported(worker.node_id, message))
+                    else:
+                        await self.responses.send(message)
                 case _:
                     log.info("ignoring %s from %s", type(message).__name__, worker.address)
 
@@ -479,7 +507,22 @@ class CoordinationService:
             raise NetworkError("no worker is ready to take a stage")
         t0 = time.perf_counter()
         layers, nodes = self._planning_inputs(ready)
-        self._plan = self.partition.plan(layers, nodes, self._topology(ready))
+        cfg = self.config.coordination
+        # Replicated stages: plan over groups of 2f + 1 workers, each group as strong as its
+        # weakest member; the group's first worker is the stage's first holder.
+        groups = replica_groups([w.node_id for w in ready], cfg)
+        firsts = {g[0] for g in groups}
+        by_id = {n.node_id: n for n in nodes}
+        planned = [
+            attrs.evolve(
+                by_id[g[0]],
+                compute_power=min(by_id[m].compute_power for m in g),
+                memory_bytes=min(by_id[m].memory_bytes for m in g),
+            )
+            for g in groups
+        ]
+        planned_workers = [w for w in ready if w.node_id in firsts]
+        self._plan = self.partition.plan(layers, planned, self._topology(planned_workers))
         address = {w.node_id: w.address for w in ready}
         stages = tuple(
             StageSpec(
@@ -491,6 +534,23 @@ class CoordinationService:
             )
             for p in self._plan.partitions
         )
+        members = {g[0]: g[1:] for g in groups}
+        if cfg.verification == "spot_check":
+            # Re-executions run on the next two workers after each stage's own, in order.
+            order = [w.node_id for w in ready]
+            members = {
+                s.node_id: [
+                    order[(order.index(s.node_id) + i) % len(order)]
+                    for i in (1, 2)
+                    if i < len(order)
+                ]
+                for s in stages
+            }
+        replicas = tuple(
+            msgspec.structs.replace(s, node_id=node, address=address[node])
+            for s in stages
+            for node in members.get(s.node_id, ())
+        )
         planning_s = time.perf_counter() - t0
         self._epoch += 1
         epoch = self._epoch
@@ -499,7 +559,10 @@ class CoordinationService:
         assign = Assign(
             epoch=epoch,
             stages=stages,
-            checkpoint_interval=self.config.coordination.checkpoint_interval,
+            checkpoint_interval=cfg.checkpoint_interval if cfg.verification == "off" else 0.0,
+            replicas=replicas,
+            agreement=cfg.agreement,
+            top_k=cfg.proof_top_k,
         )
         for w in ready:
             w.assigned[epoch] = trio.Event()
@@ -540,10 +603,39 @@ class CoordinationService:
             self._epoch_phases[old].advance(Phase.AGGREGATION)  # superseded: its requests drain
             self._commit_if_drained(old)
         self._placement = Placement(
-            epoch=epoch, stages=stages, planned_over=frozenset(w.node_id for w in ready)
+            epoch=epoch,
+            stages=stages,
+            planned_over=frozenset(w.node_id for w in ready),
+            replicas=replicas,
         )
         self.metrics.emit(PlacementChanged(epoch=epoch, stages=len(stages), planning_s=planning_s))
         return self._placement
+
+    # -- quarantine ----------------------------------------------------------------------
+
+    def quarantine(self, node_id: str, evidence: str) -> None:
+        """Take a worker caught lying out of every placement until an operator releases it."""
+        if node_id in self.quarantined:
+            return
+        self.quarantined[node_id] = evidence
+        log.warning("worker %s quarantined: %s", node_id, evidence)
+        self.metrics.emit(NodeFailure(node_id, "byzantine", evidence))
+        self.metrics.emit(WorkerQuarantined(node_id, evidence))
+        for w in self._workers.values():
+            if w.node_id == node_id and w.state is WorkerState.READY:
+                self._set_state(w, WorkerState.QUARANTINED)
+        self._replan_soon()
+
+    def release(self, node_id: str) -> None:
+        """Let a quarantined worker be placed again (an operator checked it)."""
+        if not isinstance(node_id, str) or node_id not in self.quarantined:
+            held = ", ".join(sorted(self.quarantined)) or "none"
+            raise ApiError(f"worker {node_id!r} is not quarantined (quarantined: {held})")
+        del self.quarantined[node_id]
+        for w in self._workers.values():
+            if w.node_id == node_id and w.state is WorkerState.QUARANTINED:
+                self._set_state(w, WorkerState.READY if w.peer is not None else WorkerState.FAILED)
+        self._replan_soon()
 
     # -- the narrow interface the scheduler uses ------------------------------------------
 
@@ -627,6 +719,15 @@ class CoordinationService:
                 )
                 for s in (placement.stages if placement else ())
             ),
+            replicas=tuple(
+                StageInfo(
+                    index=s.index,
+                    layers=range(s.start, s.stop),
+                    node_id=s.node_id,
+                    address=s.address,
+                )
+                for s in (placement.replicas if placement else ())
+            ),
             input_spec=self.input_spec,
             strategy=self._plan.strategy if self._plan else "",
             quality=self._plan.quality if self._plan else None,
@@ -652,6 +753,31 @@ class CoordinationService:
             for b in ready
             if a is not b and (link := self._measured(a, b)) is not None
         )
+
+
+def replica_groups(ready: list[str], cfg: CoordinationConfig) -> list[list[str]]:
+    """The workers (ready, in discovery order) in groups whose members hold the same
+    stages: groups of ``2f + 1`` under ``replicate`` (the spare ones idle; a single group
+    of ``f + 1`` or more when fewer remain, which detects a liar but cannot outvote it),
+    every worker alone otherwise."""
+    if cfg.verification != "replicate":
+        if cfg.verification == "spot_check" and len(ready) < 2:
+            raise PartitionError(
+                f"coordination.verification = 'spot_check' needs at least 2 workers not "
+                f"quarantined (3 to tell which one lied); {len(ready)} ready"
+            )
+        return [[node] for node in ready]
+    f = cfg.max_byzantine
+    size = 2 * f + 1
+    if len(ready) < f + 1:
+        raise PartitionError(
+            f"coordination.verification = 'replicate' with max_byzantine = {f} needs at least "
+            f"{size} workers not quarantined ({f + 1} to detect a liar without outvoting it); "
+            f"{len(ready)} ready"
+        )
+    if len(ready) < size:
+        return [list(ready)]
+    return [ready[i : i + size] for i in range(0, len(ready) - size + 1, size)]
 
 
 def error_from_wire(error: Error) -> ButterflyError:

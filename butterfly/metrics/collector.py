@@ -40,6 +40,7 @@ from .events import (
     PartitionComputed,
     PhaseTransition,
     PlacementChanged,
+    ReplicasDisagreed,
     SessionReplayed,
     StageComputed,
     TaskCancelled,
@@ -51,6 +52,7 @@ from .events import (
     TaskRetried,
     TaskSubmitted,
     TokenGenerated,
+    WorkerQuarantined,
     WorkerStateChanged,
 )
 
@@ -108,6 +110,12 @@ class MetricsSnapshot:
     messages_sent: int
     messages_received: int
     events_dropped: int
+    #: Verification: stage outputs accepted by a quorum, per number of rounds it took;
+    #: stages whose replicas disagreed (``agreed``: a quorum still decided,
+    #: ``no_quorum``: the request failed); workers quarantined.
+    stages_verified: dict[int, int] = attrs.field(factory=dict)
+    replica_disagreements: dict[str, int] = attrs.field(factory=dict)
+    quarantines: int = 0
 
 
 class MetricsService:
@@ -133,6 +141,9 @@ class MetricsService:
         self.session_replays = 0
         self.placements = 0
         self.consensus = 0
+        self.verified: collections.Counter[int] = collections.Counter()
+        self.disagreements: collections.Counter[str] = collections.Counter()
+        self.quarantines = 0
         self.plan_cache: collections.Counter[str] = collections.Counter()
         self.phases: collections.Counter[str] = collections.Counter()
         self.last_planning_s = 0.0
@@ -234,6 +245,27 @@ class MetricsService:
         )
         self.consensus_total = Counter(
             "butterfly_consensus_reached", "Placements every worker confirmed.", registry=r
+        )
+        self.stages_verified_total = Counter(
+            "butterfly_stages_verified",
+            "Stage outputs a quorum of replicas agreed on.",
+            ["rounds"],
+            registry=r,
+        )
+        self.verification_seconds = Histogram(
+            "butterfly_verification_seconds",
+            "Time from sending a verified stage's input to its accepted output.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.disagreements_total = Counter(
+            "butterfly_replica_disagreements",
+            "Verified stages whose replicas' outputs did not all agree.",
+            ["outcome"],
+            registry=r,
+        )
+        self.quarantines_total = Counter(
+            "butterfly_quarantines", "Workers quarantined for contradicting a quorum.", registry=r
         )
         self.phase_total = Counter(
             "butterfly_phase_transitions", "Phase transitions.", ["scope", "phase"], registry=r
@@ -403,9 +435,20 @@ class MetricsService:
             case PlacementChanged():
                 self.placements += 1
                 self.placements_total.inc()
+            case ConsensusReached(stage=stage, rounds=rounds, seconds=seconds) if stage >= 0:
+                self.verified[rounds] += 1
+                self._child(self.stages_verified_total, str(rounds)).inc()
+                self.verification_seconds.observe(seconds)
             case ConsensusReached():
                 self.consensus += 1
                 self.consensus_total.inc()
+            case ReplicasDisagreed(agreed=agreed):
+                outcome = "agreed" if agreed else "no_quorum"
+                self.disagreements[outcome] += 1
+                self._child(self.disagreements_total, outcome).inc()
+            case WorkerQuarantined():
+                self.quarantines += 1
+                self.quarantines_total.inc()
             case PhaseTransition(scope=scope, phase=phase):
                 self.phases[f"{scope}:{phase}"] += 1
                 self._child(self.phase_total, scope, phase).inc()
@@ -482,6 +525,9 @@ class MetricsService:
             messages_sent=self.sent,
             messages_received=self.received,
             events_dropped=self.dropped,
+            stages_verified=dict(self.verified),
+            replica_disagreements=dict(self.disagreements),
+            quarantines=self.quarantines,
         )
 
     def exposition(self) -> str:

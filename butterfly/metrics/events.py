@@ -27,6 +27,7 @@ __all__ = [
     "PartitionComputed",
     "PhaseTransition",
     "PlacementChanged",
+    "ReplicasDisagreed",
     "SessionReplayed",
     "StageComputed",
     "TaskCancelled",
@@ -38,6 +39,7 @@ __all__ = [
     "TaskRetried",
     "TaskSubmitted",
     "TokenGenerated",
+    "WorkerQuarantined",
     "WorkerStateChanged",
 ]
 
@@ -224,11 +226,37 @@ class PlacementChanged:
 @attrs.frozen
 class ConsensusReached:
     """Every worker of placement ``epoch`` confirmed its stages (``Assigned``): the
-    cluster agrees on it, and requests may use it."""
+    cluster agrees on it, and requests may use it. Under verification also once per
+    verified stage of a request (``stage`` ≥ 0): ``nodes`` the replicas whose outputs
+    agreed, ``rounds`` the exchanges it took (1; 2 when an output had to be collected
+    from a replica or a re-execution decided), ``seconds`` from sending the stage's input
+    to the accepted output."""
 
     epoch: int
     nodes: tuple[str, ...]
     seconds: float
+    request_id: int = 0
+    stage: int = -1
+    rounds: int = 1
+
+
+@attrs.frozen
+class ReplicasDisagreed:
+    """Replicas of ``stage`` of ``request_id`` gave outputs that do not agree;
+    ``agreed`` is False when no quorum was reached (the request failed)."""
+
+    request_id: int
+    stage: int
+    nodes: tuple[str, ...]
+    agreed: bool
+
+
+@attrs.frozen
+class WorkerQuarantined:
+    """Worker ``node_id`` contradicted an accepted quorum; ``evidence`` says how."""
+
+    node_id: str
+    evidence: str
 
 
 @attrs.frozen
@@ -313,6 +341,8 @@ Event = (
     | WorkerStateChanged
     | CacheReported
     | NodeFailure
+    | ReplicasDisagreed
+    | WorkerQuarantined
     | MessageSent
     | MessageReceived
     | BytesTransferred

@@ -11,10 +11,12 @@ from .handshake import HandshakeState as HandshakeState
 from .messages import PROTOCOL_VERSION as PROTOCOL_VERSION
 from .messages import Ack as Ack
 from .messages import Activation as Activation
+from .messages import ActivationProof as ActivationProof
 from .messages import Assign as Assign
 from .messages import Assigned as Assigned
 from .messages import Cancel as Cancel
 from .messages import Checkpoint as Checkpoint
+from .messages import Collect as Collect
 from .messages import EndSession as EndSession
 from .messages import Error as Error
 from .messages import Heartbeat as Heartbeat
@@ -25,6 +27,7 @@ from .messages import LinkReport as LinkReport
 from .messages import Message as Message
 from .messages import Probe as Probe
 from .messages import Result as Result
+from .messages import StageOutput as StageOutput
 from .messages import StageSpec as StageSpec
 from .messages import StageTrace as StageTrace
 from .messages import WireTensor as WireTensor

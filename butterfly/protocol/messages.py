@@ -15,10 +15,12 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Ack",
     "Activation",
+    "ActivationProof",
     "Assign",
     "Assigned",
     "Cancel",
     "Checkpoint",
+    "Collect",
     "EndSession",
     "Error",
     "Heartbeat",
@@ -29,6 +31,7 @@ __all__ = [
     "Message",
     "Probe",
     "Result",
+    "StageOutput",
     "StageSpec",
     "WireTensor",
 ]
@@ -38,7 +41,9 @@ __all__ = [
 #: ``session`` and ``position`` (generation with caches kept on the stages).
 #: 3: Activation gained ``keep`` (rows leaving a running generation session).
 #: 4: Activation and Result gained ``trace`` (where each stage spent the request's time).
-PROTOCOL_VERSION = 4
+#: 5: Activation gained ``report`` (verification: the stage's output goes back to its
+#: coordinator, which votes on the replicas' outputs).
+PROTOCOL_VERSION = 5
 
 
 class _Struct(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=False):
@@ -162,6 +167,13 @@ class Assign(_Struct, tag="assign", frozen=True):
     #: Seconds of compute after which a request's activation is also sent back to its
     #: coordinator as a :class:`Checkpoint` (0: never).
     checkpoint_interval: float = 0.0
+    #: Further holders of stages (``index`` names the stage) that run a request's stage
+    #: only when the coordinator verifies it (``Activation.report``).
+    replicas: tuple[StageSpec, ...] = ()
+    #: What a replica reports of its output instead of the output itself: ``"exact"``
+    #: (a digest), ``"tolerance"`` (an :class:`ActivationProof` of ``top_k`` values).
+    agreement: str = ""
+    top_k: int = 0
 
 
 class Assigned(_Struct, tag="assigned", frozen=True):
@@ -211,7 +223,49 @@ class Activation(_Struct, tag="activation", frozen=True):
     keep: tuple[int, ...]
     #: The stages this request went through so far (see :class:`StageTrace`).
     trace: tuple[StageTrace, ...]
+    #: Run stage ``stage`` only and answer ``origin`` with a :class:`StageOutput` (the
+    #: coordinator votes on the replicas' outputs before the next stage runs).
+    report: bool
     tensor: WireTensor
+
+
+class ActivationProof(_Struct, frozen=True):
+    """A compact summary of a stage's output that honest replicas agree on within
+    tolerances (see :mod:`butterfly.coordination.verification`): the flat ``indices``
+    (int32) and ``values`` (float16) of its ``top_k`` largest magnitudes, the float16
+    root mean square of each of up to 64 equal ``blocks`` of its elements, and its
+    ``mean`` and ``rms``."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    indices: bytes
+    values: bytes
+    blocks: bytes
+    mean: float
+    rms: float
+
+
+class StageOutput(_Struct, tag="stage_output", frozen=True):
+    """What a replica computed for stage ``stage`` of ``request_id`` (``Activation.report``):
+    the output itself (``tensor``; the stage's first holder sends it) or, from the other
+    replicas, only its ``digest`` (exact agreement) or ``proof`` (tolerance) while the
+    output waits on the replica until a :class:`Collect`."""
+
+    request_id: int
+    epoch: int
+    stage: int
+    digest: bytes
+    proof: ActivationProof | None
+    trace: tuple[StageTrace, ...]
+    tensor: WireTensor | None
+
+
+class Collect(_Struct, tag="collect", frozen=True):
+    """The coordinator wants (``send``) or no longer needs a replica's withheld output."""
+
+    request_id: int
+    stage: int
+    send: bool
 
 
 class Checkpoint(_Struct, tag="checkpoint", frozen=True):
@@ -272,4 +326,6 @@ Message = (
     | Cancel
     | Checkpoint
     | EndSession
+    | StageOutput
+    | Collect
 )

@@ -14,8 +14,11 @@ for it any more the workers are told to drop the batch's remaining work.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
+import random
+import secrets
 import time
 from collections.abc import Callable
 
@@ -24,11 +27,19 @@ import numpy as np
 import trio
 
 from ..config import SchedulingConfig
-from ..coordination import CoordinationService, Placement, Response, WorkerLost, error_from_wire
+from ..coordination import (
+    CoordinationService,
+    Placement,
+    Reported,
+    Response,
+    WorkerLost,
+    error_from_wire,
+)
 from ..coordination.phases import Phase, PhaseTracker
 from ..errors import (
     ApiError,
     ButterflyError,
+    ByzantineError,
     ComputeError,
     CoordinationError,
     NetworkError,
@@ -57,6 +68,7 @@ from ..protocol import (
     Checkpoint,
     Error,
     Result,
+    StageOutput,
     StageSpec,
     WireTensor,
     array_to_wire,
@@ -64,6 +76,7 @@ from ..protocol import (
 from .batching import batch_key, concat, split
 from .policy import make_policy
 from .task import InferenceTask, SessionState, TaskStatus
+from .verified import run_verified
 
 __all__ = ["SchedulingService"]
 
@@ -77,9 +90,16 @@ _RETRY_DELAY_S = 0.05
 _ATTEMPT_TIMEOUT_FACTOR = 3
 
 
+#: Chooses the requests ``spot_check`` verifies: the workers cannot predict it.
+_SAMPLER: random.Random = secrets.SystemRandom()
+
+
 def _retriable(error: ButterflyError | None) -> bool:
-    """A lost worker or a placement that changed under the request: running it again can work."""
-    return isinstance(error, NetworkError | CoordinationError)
+    """A lost worker or a placement that changed under the request: running it again can
+    work. Replicas that did not agree would not agree the next time either."""
+    return isinstance(error, NetworkError | CoordinationError) and not isinstance(
+        error, ByzantineError
+    )
 
 
 @attrs.define(eq=False)
@@ -101,6 +121,10 @@ class _Batch:
     #: Wall-clock time the current attempt was sent (links are timed on wall clocks).
     sent_wall: float = 0.0
     sent_bytes: int = 0
+    #: Verified (``spot_check`` decides once per batch); the replicas' answers of the
+    #: stage being verified, by node id.
+    verified: bool | None = None
+    reports: dict[str, StageOutput | Error] = attrs.field(factory=dict)
 
     @property
     def answered(self) -> bool:
@@ -387,6 +411,22 @@ class SchedulingService:
             epoch = batch.placement.epoch
             self.coordination.request_started(epoch)
             try:
+                if self._verifies(batch):
+                    batch.phases.advance(Phase.COMPUTATION)
+                    batch.result = await run_verified(
+                        batch,
+                        tensor,
+                        session=session.session_id if session else 0,
+                        position=position,
+                        keep=keep,
+                        whole_session=session is not None,
+                        coordination=self.coordination,
+                        metrics=self.metrics,
+                        wait=functools.partial(self._wait_for, batch),
+                        timeout=self._attempt_timeout(),
+                    )
+                    self._after_attempt(batch, session, epoch, started)
+                    return
                 await self.coordination.send(
                     stage.node_id,
                     Activation(
@@ -400,6 +440,7 @@ class SchedulingService:
                         position=position,
                         keep=keep,
                         trace=(),
+                        report=False,
                         tensor=tensor,
                     ),
                 )
@@ -412,14 +453,7 @@ class SchedulingService:
                         )
                     )
                 await self._await_outcome(batch, started)
-                if batch.result is not None:
-                    self._recent_attempts_s.append(trio.current_time() - started)
-                if session is not None:
-                    # Cached on this placement now; after a failure, replay next time.
-                    ok = batch.result is not None
-                    session.epoch = epoch if ok else 0
-                    session.cached = session.tokens.shape[1] if ok else 0
-                    session.keep = ()
+                self._after_attempt(batch, session, epoch, started)
             finally:
                 del self._batches[batch.request_id]
                 self.coordination.request_finished(epoch)
@@ -435,6 +469,55 @@ class SchedulingService:
                 f"request {batch.request_id} failed on an internal error: "
                 f"{type(exc).__name__}: {exc}"
             )
+
+    def _after_attempt(
+        self, batch: _Batch, session: SessionState | None, epoch: int, started: float
+    ) -> None:
+        if batch.result is not None:
+            self._recent_attempts_s.append(trio.current_time() - started)
+        if session is not None:
+            # Cached on this placement now; after a failure, replay next time.
+            ok = batch.result is not None
+            session.epoch = epoch if ok else 0
+            session.cached = session.tokens.shape[1] if ok else 0
+            session.keep = ()
+
+    def _verifies(self, batch: _Batch) -> bool:
+        """Whether the batch runs verified: always under ``replicate``; under
+        ``spot_check`` a fraction of requests, drawn once per request (or per generation
+        session, at its first step: its replicas must build their caches from the start)."""
+        if batch.verified is None:
+            cfg = self.coordination.config.coordination
+            session = batch.tasks[0].session
+            if cfg.verification != "spot_check":
+                batch.verified = cfg.verification == "replicate"
+            elif session is not None:
+                if session.verified is None:
+                    session.verified = _SAMPLER.random() < cfg.spot_check_rate
+                batch.verified = session.verified
+            else:
+                batch.verified = _SAMPLER.random() < cfg.spot_check_rate
+        return batch.verified
+
+    async def _wait_for(self, batch: _Batch, done: Callable[[], bool], until: float) -> bool:
+        """Wait until ``done()`` or ``until``, expiring tasks whose deadline passes; False
+        when the attempt ended meanwhile (an error, or no task waits for it any more)."""
+        while not done():
+            live = batch.live()
+            if batch.error is not None or not live:
+                return False
+            now = trio.current_time()
+            if now >= until:
+                return True
+            deadlines = [t.deadline for t in live if t.deadline is not None]
+            with trio.move_on_at(min([*deadlines, until])):
+                await batch.wake.wait()
+            batch.wake = trio.Event()
+            now = trio.current_time()
+            for task in live:
+                if task.deadline is not None and task.deadline <= now:
+                    self._expire(task)
+        return batch.error is None and bool(batch.live())
 
     def _entry(self, batch: _Batch) -> tuple[StageSpec, int, WireTensor, int, tuple[int, ...]]:
         """Where an attempt starts (stage, layer, tensor, session position, rows kept): at
@@ -542,10 +625,17 @@ class SchedulingService:
                     if batch := self._attempt_on(rid, epoch):
                         batch.checkpoint = response
                         batch.progress_at = trio.current_time()  # not lost: still running
-                case Error(request_id=rid):
+                case Reported(node_id=node, message=StageOutput(request_id=rid) as output):
+                    if (batch := self._attempt_on(rid, output.epoch)) and batch.verified:
+                        batch.reports[node] = output
+                        batch.wake.set()
+                case Reported(node_id=node, message=Error(request_id=rid) as error):
                     batch = self._batches.get(rid)
-                    if batch is not None:
-                        batch.error = error_from_wire(response)
+                    if batch is not None and batch.verified:
+                        batch.reports[node] = error  # one replica's failure, outvoted or not
+                        batch.wake.set()
+                    elif batch is not None:
+                        batch.error = error_from_wire(error)
                         batch.wake.set()
                 case WorkerLost(node_id=node, address=address, reason=reason):
                     for batch in list(self._batches.values()):

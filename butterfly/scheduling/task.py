@@ -49,6 +49,8 @@ class SessionState:
     #: The rows of the stages' cache that ``tokens``' first rows are (empty: all of them,
     #: in order): set when generations leave the session, until a step succeeds.
     keep: tuple[int, ...] = ()
+    #: Verified under ``spot_check`` (drawn at its first step; None before).
+    verified: bool | None = None
 
 
 @attrs.define(eq=False)

@@ -31,6 +31,7 @@ from .._errors import unwrap_groups
 from ..config import ButterflyConfig
 from ..coordination.detector import PhiAccrualDetector
 from ..coordination.liveness import measure_link, new_detector, watch_link
+from ..coordination.verification import claim_of
 from ..errors import (
     AuthenticationError,
     ButterflyError,
@@ -51,6 +52,7 @@ from ..protocol import (
     Assigned,
     Cancel,
     Checkpoint,
+    Collect,
     EndSession,
     Error,
     Handshake,
@@ -59,8 +61,10 @@ from ..protocol import (
     LinkReport,
     Probe,
     Result,
+    StageOutput,
     StageSpec,
     StageTrace,
+    WireTensor,
 )
 from ..protocol.inputs import check_input
 from ..transport import Connection, Peer, Transport, dial_peer, open_peer
@@ -80,6 +84,8 @@ MAX_PEERS = 256
 _MAX_PROBE_REPLY = 16 * PROBE_BYTES
 #: Placements kept per coordinator (the current one and the one before it).
 _KEPT_EPOCHS = 2
+#: Outputs a replica keeps for its coordinators' votes (each one until a Collect).
+_WITHHELD_MEMORY = 64
 
 
 @attrs.define
@@ -87,6 +93,22 @@ class _Plan:
     epoch: int
     stages: tuple[StageSpec, ...]
     checkpoint_interval: float = 0.0
+    #: Further holders of stages, for verified requests (see ``Assign.replicas``).
+    replicas: tuple[StageSpec, ...] = ()
+    agreement: str = ""
+    top_k: int = 0
+
+    def holds(self, stage: int, node_id: str, *, report: bool) -> bool:
+        """Whether ``node_id`` runs stage ``stage`` of this plan: its first holder always,
+        a replica only for a verified request (one whose output goes back to be voted on)."""
+        if not 0 <= stage < len(self.stages):
+            return False
+        if self.stages[stage].node_id == node_id:
+            return True
+        return report and any(r.index == stage and r.node_id == node_id for r in self.replicas)
+
+    def mine(self, node_id: str) -> list[StageSpec]:
+        return [s for s in (*self.stages, *self.replicas) if s.node_id == node_id]
 
 
 class WorkerService:
@@ -141,6 +163,11 @@ class WorkerService:
         self._upstream: dict[str, trio.Event] = {}
         self._links_changed = trio.Event()
         self._cancelled: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
+        #: Verified stage outputs this worker computed as a replica and only claimed, kept
+        #: until the coordinator collects or drops them: by (origin, request id, stage).
+        self._withheld: collections.OrderedDict[tuple[str, int, int], StageOutput] = (
+            collections.OrderedDict()
+        )
         self._assign_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self._in_flight_limit = 4 * self.config.scheduling.max_in_flight
@@ -346,6 +373,10 @@ class WorkerService:
                     self._cancel(origin, rid)
                 case EndSession(session=session):
                     self.sessions.end(origin, session)
+                case Collect(request_id=rid, stage=stage, send=send):
+                    output = self._withheld.pop((origin, rid, stage), None)
+                    if send and output is not None:
+                        await self._answer(peer, origin, output)
                 case _:
                     log.info("ignoring %s from coordinator %s", type(message).__name__, origin)
 
@@ -445,7 +476,15 @@ class WorkerService:
         try:
             async with self._assign_lock:
                 self._check_plan(assign)
-                mine = [s for s in assign.stages if s.node_id == self.node_id]
+                plan = _Plan(
+                    assign.epoch,
+                    assign.stages,
+                    assign.checkpoint_interval,
+                    assign.replicas,
+                    assign.agreement,
+                    assign.top_k,
+                )
+                mine = plan.mine(self.node_id)
                 self._check_memory(origin, assign.epoch, mine)
                 for spec in mine:
                     if (spec.start, spec.stop) not in self._runtimes:
@@ -475,7 +514,7 @@ class WorkerService:
                             sessions=self.sessions,
                         )
                 plans = self._plans.setdefault(origin, {})
-                plans[assign.epoch] = _Plan(assign.epoch, assign.stages, assign.checkpoint_interval)
+                plans[assign.epoch] = plan
                 for old in sorted(plans)[:-_KEPT_EPOCHS]:
                     del plans[old]
                 self._release_unused_stages()
@@ -483,7 +522,9 @@ class WorkerService:
             # not answer: outside the lock, so that one placement naming an unreachable
             # upstream does not hold up every other coordinator's.
             try:
-                await self._link_upstreams(assign, mine)
+                await self._link_upstreams(
+                    assign, [s for s in assign.stages if s.node_id == self.node_id]
+                )
             except ButterflyError:
                 async with self._assign_lock:
                     self._plans.get(origin, {}).pop(assign.epoch, None)
@@ -517,6 +558,19 @@ class WorkerService:
                     f"stage {i} is [{spec.start}, {spec.stop}), expected to start at {expected_start}"
                 )
             expected_start = spec.stop
+        for spec in assign.replicas:
+            if not (
+                0 <= spec.index < len(assign.stages)
+                and (spec.start, spec.stop)
+                == (
+                    assign.stages[spec.index].start,
+                    assign.stages[spec.index].stop,
+                )
+            ):
+                raise CoordinationError(
+                    f"placement of epoch {assign.epoch} names a replica of stage {spec.index} "
+                    f"with layers [{spec.start}, {spec.stop}) that no stage has"
+                )
         if expected_start != self.info.num_layers:
             raise CoordinationError(
                 f"placement of epoch {assign.epoch} covers {expected_start} layers; "
@@ -535,8 +589,7 @@ class WorkerService:
             (s.start, s.stop)
             for other, plans in self._plans.items()
             if other != origin and plans
-            for s in plans[max(plans)].stages
-            if s.node_id == self.node_id
+            for s in plans[max(plans)].mine(self.node_id)
         }
         ranges = held | {(s.start, s.stop) for s in mine}
         needed = sum(
@@ -554,8 +607,7 @@ class WorkerService:
             (s.start, s.stop)
             for plans in self._plans.values()
             for plan in plans.values()
-            for s in plan.stages
-            if s.node_id == self.node_id
+            for s in plan.mine(self.node_id)
         }
         for key in [k for k in self._runtimes if k not in used]:
             del self._runtimes[key]
@@ -658,7 +710,7 @@ class WorkerService:
             )
         tensor = activation.tensor
         stage = activation.stage
-        if not 0 <= stage < len(plan.stages) or plan.stages[stage].node_id != self.node_id:
+        if not plan.holds(stage, self.node_id, report=activation.report):
             raise CoordinationError(
                 f"worker {self.node_id} does not hold stage {stage} of epoch {activation.epoch}"
             )
@@ -720,8 +772,12 @@ class WorkerService:
             if (origin, rid) in self._cancelled:
                 self.dropped += 1
                 return
-            stage += 1
             peer = self._coordinators.get(origin)
+            if activation.report:
+                if peer is not None:
+                    await self._report_output(peer, activation, plan, tensor, tuple(trace))
+                return
+            stage += 1
             if stage == len(plan.stages):
                 if peer is not None:
                     result = Result(rid, activation.epoch, tuple(trace), tensor)
@@ -759,6 +815,7 @@ class WorkerService:
                         position=activation.position,
                         keep=activation.keep,
                         trace=tuple(trace),
+                        report=False,
                         tensor=tensor,
                     )
                 )
@@ -767,6 +824,29 @@ class WorkerService:
                     with contextlib.suppress(NetworkError):
                         peer.send_nowait(checkpoint)  # a coordinator that is behind can do without
                 return
+
+    async def _report_output(
+        self,
+        peer: Peer,
+        activation: Activation,
+        plan: _Plan,
+        tensor: WireTensor,
+        trace: tuple[StageTrace, ...],
+    ) -> None:
+        """Answer a verified request: the stage's first holder sends its output, which its
+        coordinator checks itself; a replica sends only its claim and keeps the output
+        until the coordinator collects it (it needs it only when the first holder lied)."""
+        origin, rid, stage = activation.origin, activation.request_id, activation.stage
+        output = StageOutput(rid, activation.epoch, stage, b"", None, trace, tensor)
+        if plan.stages[stage].node_id != self.node_id:
+            claim = await self._off_loop(claim_of, tensor, plan.agreement, plan.top_k)
+            digest = claim if isinstance(claim, bytes) else b""
+            proof = None if isinstance(claim, bytes) else claim
+            self._withheld[(origin, rid, stage)] = output
+            while len(self._withheld) > _WITHHELD_MEMORY:
+                self._withheld.popitem(last=False)
+            output = StageOutput(rid, activation.epoch, stage, digest, proof, trace, None)
+        await self._answer(peer, origin, output)
 
     async def _downstream_link(self, spec: StageSpec) -> Peer:
         # The downstream worker dials us while it accepts its assignment; allow it to land.
@@ -790,7 +870,7 @@ class WorkerService:
         while len(self._cancelled) > _CANCELLED_MEMORY:
             self._cancelled.popitem(last=False)
 
-    async def _answer(self, peer: Peer, origin: str, result: Result) -> None:
+    async def _answer(self, peer: Peer, origin: str, result: Result | StageOutput) -> None:
         """Hand a Result to its coordinator without waiting on it. One that lets its queue
         fill is not reading, and it must not hold this worker's tasks (and with them every
         other client's requests) while it does not: its connection is aborted instead."""

@@ -148,6 +148,7 @@ def _raw_activation() -> bytes:
             position=0,
             keep=(),
             trace=(),
+            report=False,
             tensor=array_to_wire(x),
         )
     )
@@ -393,7 +394,7 @@ async def _never_reads_its_results(address: str, node_id: str, stop: threading.E
                 await peer.send(
                     Activation(
                         request_id=i, epoch=1, stage=0, origin="hog", layer=0, compute_s=0.0,
-                        session=0, position=0, keep=(), trace=(), tensor=big,
+                        session=0, position=0, keep=(), trace=(), report=False, tensor=big,
                     )
                 )  # fmt: skip
             await trio.to_thread.run_sync(stop.wait, abandon_on_cancel=True)

@@ -66,6 +66,7 @@ MESSAGES = [
         12,
         (0, 2),
         (StageTrace(0, "w0", 1.5, 2.5, 0.1, 0.9, 64),),
+        True,
         _tensor(),
     ),
     EndSession(9, "c1"),
@@ -88,7 +89,7 @@ def test_every_message_round_trips(message: object) -> None:
 
 
 def test_activation_payload_is_a_zero_copy_view_of_the_frame() -> None:
-    frame = encode(Activation(1, 0, 0, "c", 0, 0.0, 0, 0, (), (), _tensor((4, 4))))
+    frame = encode(Activation(1, 0, 0, "c", 0, 0.0, 0, 0, (), (), False, _tensor((4, 4))))
     decoded = decode(frame)
     assert isinstance(decoded, Activation)
     assert decoded.tensor.data.obj is frame

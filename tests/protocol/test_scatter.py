@@ -21,7 +21,7 @@ from butterfly.protocol.codec import SCATTER_THRESHOLD
 def test_large_tensor_parts_concatenate_to_the_plain_encoding(n: int) -> None:
     array = np.arange(n, dtype=np.float32)
     for message in (
-        Activation(7, 2, 1, "c", 3, 0.5, 0, 0, (), (), array_to_wire(array)),
+        Activation(7, 2, 1, "c", 3, 0.5, 0, 0, (), (), False, array_to_wire(array)),
         Result(7, 2, (), array_to_wire(array)),
     ):
         parts = encode_parts(message)
